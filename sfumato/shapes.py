@@ -1,0 +1,228 @@
+"""The shapes data set of the demo model, and a judge that reads an image back.
+
+Every image is one filled shape on a plain background; its caption is
+``a {colour} {shape} on a {background} background`` with colour != background.
+Other code (training, evaluation, the serving tests) measures against exactly this
+definition, so the palette and grammar here are the reference.
+
+Rendering is supersampled (``_SUPERSAMPLE`` x) and box-filtered down, which gives
+anti-aliased edges like a real photograph of a flat shape would have.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 180, 40),
+    "blue": (30, 60, 220),
+    "yellow": (240, 220, 30),
+    "purple": (140, 40, 180),
+    "orange": (250, 140, 20),
+    "white": (245, 245, 245),
+    "black": (15, 15, 15),
+}
+COLOURS: tuple[str, ...] = tuple(PALETTE)
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+IMAGE_SIZE = 32
+_SUPERSAMPLE = 4
+_CAPTION = re.compile(r"^a (\w+) (\w+) on a (\w+) background$")
+
+
+@dataclass(frozen=True, slots=True)
+class Scene:
+    """What one image shows: the ground truth behind a caption."""
+
+    colour: str
+    shape: str
+    background: str
+
+    @property
+    def caption(self) -> str:
+        return f"a {self.colour} {self.shape} on a {self.background} background"
+
+
+def parse_caption(caption: str) -> Scene:
+    """Read a caption of the data set's grammar back into a :class:`Scene`."""
+    match = _CAPTION.match(caption.strip().lower())
+    if match is None:
+        raise ValueError(f"not a caption of the shapes grammar: {caption!r}")
+    colour, shape, background = match.groups()
+    if colour not in PALETTE or background not in PALETTE or shape not in SHAPES:
+        raise ValueError(f"unknown colour or shape in caption: {caption!r}")
+    if colour == background:
+        raise ValueError(f"colour and background are the same in caption: {caption!r}")
+    return Scene(colour=colour, shape=shape, background=background)
+
+
+def all_scenes() -> list[Scene]:
+    """Every (colour, shape, background) combination of the grammar: 8 x 3 x 7 = 168."""
+    return [
+        Scene(colour=c, shape=s, background=b)
+        for c in COLOURS
+        for s in SHAPES
+        for b in COLOURS
+        if b != c
+    ]
+
+
+def random_scenes(count: int, *, seed: int) -> list[Scene]:
+    """``count`` scenes drawn uniformly from the grammar with a seeded generator."""
+    rng = np.random.default_rng(seed)
+    scenes = all_scenes()
+    return [scenes[i] for i in rng.integers(0, len(scenes), size=count)]
+
+
+def _shape_mask(shape: str, *, centre: tuple[float, float], size: float, grid: int) -> np.ndarray:
+    """Boolean coverage of ``shape`` on a ``grid`` x ``grid`` supersampled canvas.
+
+    ``size`` is the side of the shape's bounding box in canvas pixels; ``centre`` is (x, y).
+    """
+    ys, xs = np.mgrid[0:grid, 0:grid].astype(np.float32) + 0.5
+    cx, cy = centre
+    half = size / 2.0
+    if shape == "circle":
+        return (xs - cx) ** 2 + (ys - cy) ** 2 <= half**2
+    if shape == "square":
+        return (np.abs(xs - cx) <= half) & (np.abs(ys - cy) <= half)
+    if shape == "triangle":
+        # Upright: apex at the top centre, base along the bottom of the bounding box.
+        top, bottom = cy - half, cy + half
+        t = (ys - top) / size  # 0 at the apex, 1 at the base
+        return (ys >= top) & (ys <= bottom) & (np.abs(xs - cx) <= t * half)
+    raise ValueError(f"unknown shape {shape!r}; expected one of {', '.join(SHAPES)}")
+
+
+def render(
+    scene: Scene,
+    *,
+    rng: np.random.Generator,
+    image_size: int = IMAGE_SIZE,
+    min_fraction: float = 0.35,
+    max_fraction: float = 0.75,
+) -> np.ndarray:
+    """Draw ``scene`` as a ``uint8`` ``[H, W, 3]`` image; size and position come from ``rng``.
+
+    The shape's bounding box is ``min_fraction``..``max_fraction`` of the image side and lies
+    wholly inside the image.
+    """
+    grid = image_size * _SUPERSAMPLE
+    size = rng.uniform(min_fraction, max_fraction) * grid
+    margin = size / 2.0 + _SUPERSAMPLE  # keep a pixel of background around the shape
+    cx = rng.uniform(margin, grid - margin)
+    cy = rng.uniform(margin, grid - margin)
+    coverage = _shape_mask(scene.shape, centre=(cx, cy), size=size, grid=grid).astype(np.float32)
+    coverage = coverage.reshape(image_size, _SUPERSAMPLE, image_size, _SUPERSAMPLE).mean(axis=(1, 3))
+    fg = np.asarray(PALETTE[scene.colour], dtype=np.float32)
+    bg = np.asarray(PALETTE[scene.background], dtype=np.float32)
+    image = bg + coverage[..., None] * (fg - bg)
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+
+
+def make_dataset(
+    count: int, *, seed: int, image_size: int = IMAGE_SIZE
+) -> tuple[np.ndarray, list[str]]:
+    """``count`` images (``uint8`` ``[N, H, W, 3]``) and their captions, fully seeded."""
+    rng = np.random.default_rng(seed)
+    scenes = all_scenes()
+    picks = rng.integers(0, len(scenes), size=count)
+    images = np.empty((count, image_size, image_size, 3), dtype=np.uint8)
+    captions: list[str] = []
+    for i, pick in enumerate(picks):
+        scene = scenes[pick]
+        images[i] = render(scene, rng=rng, image_size=image_size)
+        captions.append(scene.caption)
+    return images, captions
+
+
+# --------------------------------------------------------------------------- judging
+
+
+def nearest_colour(rgb: np.ndarray) -> str:
+    """Name of the palette colour nearest (Euclidean RGB) to ``rgb``."""
+    names = list(PALETTE)
+    table = np.asarray([PALETTE[n] for n in names], dtype=np.float32)
+    distances = np.linalg.norm(table - np.asarray(rgb, dtype=np.float32)[None, :], axis=1)
+    return names[int(np.argmin(distances))]
+
+
+@dataclass(frozen=True, slots=True)
+class Judgement:
+    """What the judge reads off an image; ``shape`` is ``None`` when no object is found."""
+
+    background: str
+    colour: str | None
+    shape: str | None
+
+
+def judge(image: np.ndarray) -> Judgement:
+    """Read background colour, object colour and shape off a ``uint8`` ``[H, W, 3]`` image.
+
+    * background: the median colour of the one-pixel border, nearest palette colour;
+    * object: pixels farther than a threshold from the background colour; the median of the
+      clearly-inside ones gives the object's colour;
+    * shape: from how much of its bounding box the object fills (square ~1, circle ~pi/4,
+      triangle ~1/2) and, for the triangle, that its top is narrower than its bottom.
+    """
+    pixels = np.asarray(image, dtype=np.float32)
+    if pixels.ndim != 3 or pixels.shape[2] != 3:
+        raise ValueError(f"expected an [H, W, 3] image, got shape {pixels.shape}")
+    border = np.concatenate([pixels[0], pixels[-1], pixels[1:-1, 0], pixels[1:-1, -1]])
+    bg_rgb = np.median(border, axis=0)
+    background = nearest_colour(bg_rgb)
+    distance = np.linalg.norm(pixels - bg_rgb[None, None, :], axis=2)
+    mask = distance > 60.0
+    if mask.sum() < 4:
+        return Judgement(background=background, colour=None, shape=None)
+    strong = distance > 0.7 * distance[mask].max()
+    colour = nearest_colour(np.median(pixels[strong], axis=0))
+    # Coverage-weighted fill ratio: anti-aliased edges count for the share they cover.
+    coverage = np.clip(distance / max(float(np.percentile(distance[mask], 90)), 1.0), 0.0, 1.0)
+    # Fractional extent: a column counts for the most any of its pixels is covered.
+    width = float(coverage.max(axis=0).sum())
+    height_f = float(coverage.max(axis=1).sum())
+    fill = float(coverage.sum()) / max(width * height_f, 1.0)
+    rows = np.flatnonzero(mask.any(axis=1))
+    top, bottom = rows[0], rows[-1]
+    band = coverage[top : bottom + 1]
+    third = max(len(band) // 3, 1)
+    top_width = float(band[:third].sum()) / third
+    bottom_width = float(band[-third:].sum()) / third
+    if fill < 0.68 and top_width < 0.7 * bottom_width:
+        shape = "triangle"
+    elif fill > 0.90:
+        shape = "square"
+    else:
+        shape = "circle"
+    return Judgement(background=background, colour=colour, shape=shape)
+
+
+@dataclass(frozen=True, slots=True)
+class Score:
+    """Agreement between images and their prompts, each a fraction in [0, 1]."""
+
+    background: float
+    colour: float
+    shape: float
+    count: int
+
+    def meets(self, *, background: float, colour: float, shape: float) -> bool:
+        return self.background >= background and self.colour >= colour and self.shape >= shape
+
+
+def score(images: np.ndarray, scenes: list[Scene]) -> Score:
+    """Fraction of images whose background, object colour and shape match their scene."""
+    if len(images) != len(scenes):
+        raise ValueError(f"{len(images)} images but {len(scenes)} scenes")
+    verdicts = [judge(img) for img in images]
+    n = len(scenes)
+    return Score(
+        background=sum(v.background == s.background for v, s in zip(verdicts, scenes, strict=True)) / n,
+        colour=sum(v.colour == s.colour for v, s in zip(verdicts, scenes, strict=True)) / n,
+        shape=sum(v.shape == s.shape for v, s in zip(verdicts, scenes, strict=True)) / n,
+        count=n,
+    )
