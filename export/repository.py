@@ -30,6 +30,13 @@ TARGETS: tuple[str, ...] = ("cpu", "onnxruntime", "tensorrt")
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16")
 FP32_TOLERANCE = 1e-4  # max abs error relative to the output's max abs value
 MANIFEST = "export_manifest.json"
+MODELS = (*NETWORKS, "pipeline")
+_SCHEDULER_NAMES = {
+    "DDIMScheduler": "ddim",
+    "EulerDiscreteScheduler": "euler",
+    "EulerAncestralDiscreteScheduler": "euler_a",
+    "DPMSolverMultistepScheduler": "dpmpp_2m",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +55,10 @@ class ExportOptions:
     parity_batches: tuple[int, int] = (1, 3)
     configs_only: bool = False
     tolerance: float = FP32_TOLERANCE
+    pipeline_instances: int = 16
+    default_steps: int = 25
+    default_guidance: float = 7.5
+    default_scheduler: str | None = None  # None: the source folder's scheduler where we have it
 
 
 @dataclass(slots=True)
@@ -177,6 +188,99 @@ def network_config(
     )
 
 
+def serving_range(sizes: list[tuple[int, int]], info: SourceInfo, *, explicit: bool) -> tuple[int, int]:
+    """Smallest and largest side the pipeline accepts: what export was told, else native/2..native*2."""
+    if explicit:
+        sides = [side for size in sizes for side in size]
+        return min(sides), max(sides)
+    multiple = info.pixel_multiple
+    native = min(info.native_size)
+    low = max(multiple, (native // 2) // multiple * multiple)
+    return low, max(info.native_size) * 2
+
+
+def pipeline_config(options: ExportOptions) -> tc.ModelConfig:
+    """The ``pipeline`` model: per-request inputs (no batch axis); its instances run concurrently."""
+    scalar = {
+        "prompt": "TYPE_STRING",
+        "negative_prompt": "TYPE_STRING",
+        "num_images": "TYPE_INT32",
+        "steps": "TYPE_INT32",
+        "guidance_scale": "TYPE_FP32",
+        "seed": "TYPE_INT64",
+        "width": "TYPE_INT32",
+        "height": "TYPE_INT32",
+        "scheduler": "TYPE_STRING",
+        "strength": "TYPE_FP32",
+    }
+    inputs = [tc.Tensor(name, dtype, (1,), optional=name != "prompt") for name, dtype in scalar.items()]
+    inputs += [
+        tc.Tensor("image", "TYPE_UINT8", (-1, -1, 3), optional=True),
+        tc.Tensor("mask", "TYPE_UINT8", (-1, -1), optional=True),
+    ]
+    return tc.ModelConfig(
+        name="pipeline",
+        backend="python",
+        max_batch_size=0,
+        inputs=tuple(inputs),
+        outputs=(tc.Tensor("images", "TYPE_UINT8", (-1, -1, -1, 3)), tc.Tensor("seeds", "TYPE_INT64", (-1,))),
+        instance_groups=(tc.InstanceGroup("KIND_CPU", options.pipeline_instances),),
+        parameters={"sfumato_version": __version__, "network_timeout_ms": "120000"},
+    )
+
+
+PIPELINE_MODEL_PY = '''"""Sfumato's text-to-image pipeline; the code is sfumato.serving.triton_pipeline."""
+
+from sfumato.serving.triton_pipeline import TritonPythonModel
+
+__all__ = ["TritonPythonModel"]
+'''
+
+
+def write_pipeline_model(
+    target: Path, *, info: SourceInfo, options: ExportOptions, sizes: list[tuple[int, int]]
+) -> None:
+    """``pipeline/``: config, the model.py shim, the tokenizer and ``pipeline.json``."""
+    from sfumato.serving.schedulers import SCHEDULERS
+    from sfumato.serving.tokenizer import write_serving_tokenizer
+
+    assets = target / "1" / "assets"
+    assets.mkdir(parents=True, exist_ok=True)
+    length = write_serving_tokenizer(info.path / "tokenizer", assets / "tokenizer.json")
+    if length > info.text_length:
+        raise UsageError(
+            f"{info.path}: the tokenizer pads to {length} tokens "
+            f"but the text encoder takes {info.text_length}"
+        )
+    scheduler = options.default_scheduler or _SCHEDULER_NAMES.get(
+        str(info.scheduler_config.get("_class_name")), "dpmpp_2m"
+    )
+    if scheduler not in SCHEDULERS:
+        raise UsageError(f"--default-scheduler {scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
+    low, high = serving_range(sizes, info, explicit=bool(options.image_sizes))
+    height, width = info.native_size
+    spec = {
+        "model_name": info.path.name,
+        "scaling_factor": info.scaling_factor,
+        "latent_channels": info.latent_channels,
+        "vae_scale_factor": info.vae_scale_factor,
+        "scheduler_config": info.scheduler_config,
+        "limits": {"min_size": low, "max_size": high, "size_multiple": info.pixel_multiple},
+        "defaults": {
+            "width": min(max(width, low), high),
+            "height": min(max(height, low), high),
+            "steps": options.default_steps,
+            "guidance_scale": options.default_guidance,
+            "scheduler": scheduler,
+        },
+    }
+    (assets / "pipeline.json").write_text(json.dumps(spec, indent=2) + "\n")
+    (target / "1" / "model.py").write_text(PIPELINE_MODEL_PY)
+    text = pipeline_config(options).to_pbtxt()
+    tc.parse_pbtxt(text)
+    (target / "config.pbtxt").write_text(text)
+
+
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -255,6 +359,7 @@ def export_model_repository(src: Path, out: Path, options: ExportOptions) -> Exp
             shutil.rmtree(staging / "_onnx")
         elif options.target == "tensorrt":
             _log("--configs-only: writing configs without engines; build them with TensorRT before serving")
+        write_pipeline_model(staging / "pipeline", info=info, options=options, sizes=sizes)
         for name in NETWORKS:
             config = network_config(specs[name], options=options, info=info, sizes=sizes)
             text = config.to_pbtxt()
@@ -295,8 +400,8 @@ def export_model_repository(src: Path, out: Path, options: ExportOptions) -> Exp
             "files": files,
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        _install(staging, out, names=[*NETWORKS, MANIFEST])
-        return ExportResult(out_dir=out, models=list(NETWORKS), manifest=manifest)
+        _install(staging, out, names=[*MODELS, MANIFEST])
+        return ExportResult(out_dir=out, models=list(MODELS), manifest=manifest)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

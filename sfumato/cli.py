@@ -33,10 +33,16 @@ def _export(args: argparse.Namespace) -> int:
         queue_timeout_us=args.queue_timeout_us,
         instance_count=args.instance_count,
         configs_only=args.configs_only,
+        pipeline_instances=args.pipeline_instances,
+        default_steps=args.default_steps,
+        default_guidance=args.default_guidance,
+        default_scheduler=args.default_scheduler,
     )
     result = export_model_repository(Path(args.src), Path(args.out), options)
     total = result.manifest["timings"].get("total_s")
-    print(f"wrote {', '.join(result.models)} to {result.out_dir} in {total} s (manifest: export_manifest.json)")
+    print(
+        f"wrote {', '.join(result.models)} to {result.out_dir} in {total} s (manifest: export_manifest.json)"
+    )
     return 0
 
 
@@ -73,28 +79,145 @@ def _demo_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _triton_serve(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from sfumato.triton_server import TritonServer
+
+    server = TritonServer(
+        repository=Path(args.model_repository),
+        work_dir=Path(args.work_dir),
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        exit_timeout_secs=args.exit_timeout_secs,
+    )
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    print(f"starting tritonserver on {args.model_repository} (log: {args.work_dir})", file=sys.stderr)
+    server.start(timeout=args.ready_timeout)
+    print(
+        f"Triton ready: gRPC 127.0.0.1:{args.grpc_port}, HTTP {server.http_url}, "
+        f"metrics http://127.0.0.1:{args.metrics_port}/metrics",
+        flush=True,
+    )
+    while not stop.is_set() and server.process is not None and server.process.poll() is None:
+        stop.wait(0.5)
+    if stop.is_set():
+        print("stopping tritonserver (graceful)", file=sys.stderr)
+        server.stop()
+        return 0
+    code = server.process.returncode if server.process else 1
+    print(
+        f"sfumato: error: tritonserver exited with code {code}: {server.failure_summary()}", file=sys.stderr
+    )
+    return 1
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from sfumato.clients.png import encode_png, output_paths, read_image
+    from sfumato.clients.triton_grpc import generate
+
+    options = {
+        "negative_prompt": args.negative_prompt,
+        "num_images": args.num_images,
+        "steps": args.steps,
+        "guidance_scale": args.guidance_scale,
+        "seed": args.seed,
+        "width": args.width,
+        "height": args.height,
+        "scheduler": args.scheduler,
+        "strength": args.strength,
+    }
+    image = read_image(Path(args.image)) if args.image else None
+    mask = read_image(Path(args.mask), mode="L") if args.mask else None
+    result = generate(args.grpc, args.prompt, image=image, mask=mask, timeout_s=args.timeout, **options)
+    for path, img, seed in zip(
+        output_paths(Path(args.output), len(result.images)), result.images, result.seeds, strict=True
+    ):
+        text = {"prompt": args.prompt, "seed": str(int(seed))}
+        text.update({k: str(v) for k, v in options.items() if v is not None})
+        path.write_bytes(encode_png(img, text=text))
+        print(f"{path}  seed={int(seed)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sfumato", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    ex = sub.add_parser("export", help="export a diffusers Stable Diffusion folder to a Triton model repository")
-    ex.add_argument("src", help="diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/, ...)")
-    ex.add_argument("--out", default="model_repository", help="Triton model repository (default: %(default)s)")
+    ex = sub.add_parser(
+        "export", help="export a diffusers Stable Diffusion folder to a Triton model repository"
+    )
+    ex.add_argument(
+        "src", help="diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/, ...)"
+    )
+    ex.add_argument(
+        "--out", default="model_repository", help="Triton model repository (default: %(default)s)"
+    )
     ex.add_argument("--target", default="cpu", help="cpu | onnxruntime | tensorrt (default: %(default)s)")
     ex.add_argument("--precision", default="fp32", help="fp32 | fp16 (fp16: GPU targets only)")
     ex.add_argument("--max-batch-size", type=int, default=32, help="Triton max_batch_size, in rows")
     ex.add_argument(
-        "--image-size", action="append", metavar="HxW",
+        "--image-size",
+        action="append",
+        metavar="HxW",
         help="image size to serve (repeatable); TensorRT profiles span them; default: the model's own",
     )
-    ex.add_argument("--preferred-batch-size", type=int, action="append", metavar="N",
-                    help="dynamic batcher preferred size (repeatable; default: powers of two from 4)")
+    ex.add_argument(
+        "--preferred-batch-size",
+        type=int,
+        action="append",
+        metavar="N",
+        help="dynamic batcher preferred size (repeatable; default: powers of two from 4)",
+    )
     ex.add_argument("--max-queue-delay-us", type=int, default=2_000, help="dynamic batcher delay")
     ex.add_argument("--max-queue-size", type=int, default=256, help="queued requests before Triton rejects")
     ex.add_argument("--queue-timeout-us", type=int, default=30_000_000, help="queued longer -> rejected")
     ex.add_argument("--instance-count", type=int, default=1, help="model instances per network")
+    ex.add_argument(
+        "--pipeline-instances",
+        type=int,
+        default=16,
+        help="pipeline model instances = requests in flight at once (default: %(default)s)",
+    )
+    ex.add_argument("--default-steps", type=int, default=25, help="steps when a request names none")
+    ex.add_argument("--default-guidance", type=float, default=7.5, help="guidance when a request names none")
+    ex.add_argument("--default-scheduler", help="ddim | euler | euler_a | dpmpp_2m (default: the source's)")
     ex.add_argument("--configs-only", action="store_true", help="write config.pbtxt files only, no weights")
     ex.set_defaults(func=_export)
+
+    triton = sub.add_parser("triton", help="run the real Triton Inference Server")
+    triton_sub = triton.add_subparsers(dest="triton_command", required=True, metavar="ACTION")
+    serve = triton_sub.add_parser("serve", help="serve a model repository (every model loaded at start)")
+    serve.add_argument("--model-repository", default="model_repository")
+    serve.add_argument("--http-port", type=int, default=8000)
+    serve.add_argument("--grpc-port", type=int, default=8001)
+    serve.add_argument("--metrics-port", type=int, default=8002)
+    serve.add_argument("--exit-timeout-secs", type=int, default=30, help="graceful-stop budget")
+    serve.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for readiness")
+    serve.add_argument("--work-dir", default="var/triton", help="backend directory and server log")
+    serve.set_defaults(func=_triton_serve)
+
+    gen = sub.add_parser("generate", help="generate images by calling Triton's pipeline model over gRPC")
+    gen.add_argument("prompt")
+    gen.add_argument("--grpc", default="localhost:8001", metavar="HOST:PORT", help="Triton gRPC address")
+    gen.add_argument("-o", "--output", default="out.png", help="PNG path; several images: out-0.png, ...")
+    gen.add_argument("--negative-prompt")
+    gen.add_argument("--num-images", type=int)
+    gen.add_argument("--steps", type=int)
+    gen.add_argument("--guidance-scale", type=float)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--width", type=int)
+    gen.add_argument("--height", type=int)
+    gen.add_argument("--scheduler", help="ddim | euler | euler_a | dpmpp_2m")
+    gen.add_argument("--image", help="init image (img2img / inpainting), PNG or JPEG")
+    gen.add_argument("--mask", help="inpainting mask, white = repaint")
+    gen.add_argument("--strength", type=float, help="img2img / inpainting strength in (0, 1]")
+    gen.add_argument("--timeout", type=float, default=300.0, help="seconds before giving up")
+    gen.set_defaults(func=_generate)
 
     demo = sub.add_parser("demo-model", help="train or evaluate the built-in demo model")
     demo_sub = demo.add_subparsers(dest="demo_command", required=True, metavar="ACTION")

@@ -18,7 +18,9 @@ def save_grid(images: np.ndarray, path: Path, *, columns: int = 8, scale: int = 
     for i, image in enumerate(images):
         r, c = divmod(i, columns)
         big = image.repeat(scale, axis=0).repeat(scale, axis=1)
-        sheet[pad + r * cell_h : pad + r * cell_h + h * scale, pad + c * cell_w : pad + c * cell_w + w * scale] = big
+        sheet[
+            pad + r * cell_h : pad + r * cell_h + h * scale, pad + c * cell_w : pad + c * cell_w + w * scale
+        ] = big
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(sheet).save(path)

@@ -62,11 +62,7 @@ def parse_caption(caption: str) -> Scene:
 def all_scenes() -> list[Scene]:
     """Every (colour, shape, background) combination of the grammar: 8 x 3 x 7 = 168."""
     return [
-        Scene(colour=c, shape=s, background=b)
-        for c in COLOURS
-        for s in SHAPES
-        for b in COLOURS
-        if b != c
+        Scene(colour=c, shape=s, background=b) for c in COLOURS for s in SHAPES for b in COLOURS if b != c
     ]
 
 
@@ -123,9 +119,7 @@ def render(
     return np.clip(np.rint(image), 0, 255).astype(np.uint8)
 
 
-def make_dataset(
-    count: int, *, seed: int, image_size: int = IMAGE_SIZE
-) -> tuple[np.ndarray, list[str]]:
+def make_dataset(count: int, *, seed: int, image_size: int = IMAGE_SIZE) -> tuple[np.ndarray, list[str]]:
     """``count`` images (``uint8`` ``[N, H, W, 3]``) and their captions, fully seeded."""
     rng = np.random.default_rng(seed)
     scenes = all_scenes()

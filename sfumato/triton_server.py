@@ -155,7 +155,11 @@ class TritonServer:
 
     def start(self, *, timeout: float = 180.0) -> None:
         dist = find_distribution()
-        for label, port in (("HTTP", self.http_port), ("gRPC", self.grpc_port), ("metrics", self.metrics_port)):
+        for label, port in (
+            ("HTTP", self.http_port),
+            ("gRPC", self.grpc_port),
+            ("metrics", self.metrics_port),
+        ):
             if not port_is_free(port):
                 raise TritonStartError(f"Triton {label} port {port} is already in use")
         backends = prepare_backend_dir(self.work_dir, dist)
@@ -166,7 +170,11 @@ class TritonServer:
         self.log_path = Path(self.work_dir) / f"tritonserver-{self.grpc_port}.log"
         log = self.log_path.open("wb")
         self.process = subprocess.Popen(
-            self.command(dist, backends), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            self.command(dist, backends),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
         )
         log.close()
         self.wait_ready(timeout=timeout)

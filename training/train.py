@@ -151,9 +151,13 @@ def train_unet(
     """Train UNet and text encoder jointly (epsilon prediction); returns their EMA copies."""
     from diffusers import DDPMScheduler
 
-    noise_schedule = DDPMScheduler(**{
-        k: v for k, v in architecture.scheduler_config().items() if k not in {"set_alpha_to_one", "steps_offset"}
-    })
+    noise_schedule = DDPMScheduler(
+        **{
+            k: v
+            for k, v in architecture.scheduler_config().items()
+            if k not in {"set_alpha_to_one", "steps_offset"}
+        }
+    )
     unet = architecture.build_unet()
     params = list(unet.parameters()) + list(text_encoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=plan.unet_lr, weight_decay=0.01)
@@ -234,9 +238,12 @@ def train_demo_model(out_dir: Path, *, plan: TrainingPlan | None = None, progres
         tokenizer = CLIPTokenizer(
             str(token_dir / "vocab.json"), str(token_dir / "merges.txt"), model_max_length=MODEL_MAX_LENGTH
         )
-        encode = lambda texts: tokenizer(  # noqa: E731
-            texts, padding="max_length", max_length=MODEL_MAX_LENGTH, truncation=True, return_tensors="pt"
-        ).input_ids
+
+        def encode(texts: list[str]) -> torch.Tensor:
+            return tokenizer(
+                texts, padding="max_length", max_length=MODEL_MAX_LENGTH, truncation=True, return_tensors="pt"
+            ).input_ids
+
         token_ids, empty_ids = encode(captions), encode([""])[0]
         text_encoder = architecture.build_text_encoder(
             vocab_size=len(tokenizer),

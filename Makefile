@@ -1,0 +1,58 @@
+# Sfumato: every target sets up the project virtualenv (.venv) by itself.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+SFUMATO := $(VENV)/bin/sfumato
+STAMP := $(VENV)/.sfumato-installed
+# The CPU build of PyTorch (export and training only; the serving path does not import it).
+TORCH_SPEC ?= torch==2.13.0
+DEMO := models/sfumato-shapes
+REPO := model_repository
+MODEL_STAMP := $(REPO)/export_manifest.json
+MODEL_INPUTS := $(shell find $(DEMO) export sfumato/serving -type f -not -name '*.pyc' 2>/dev/null)
+
+.PHONY: help venv run test lint model demo-model bench clean
+
+help:
+	@echo "make run         serve the demo model: Triton (gRPC :8001, HTTP :8000, metrics :8002)"
+	@echo "make test        the test suite (real Triton, real ONNX Runtime, real diffusers)"
+	@echo "make lint        ruff"
+	@echo "make model       export $(DEMO) into $(REPO) (target cpu)"
+	@echo "make demo-model  retrain the demo model from scratch (~30 min on 2 cores) and evaluate it"
+	@echo "make bench       benchmarks: tables printed, JSON and plots in bench/results/"
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+model: $(MODEL_STAMP)
+
+$(MODEL_STAMP): $(STAMP) $(MODEL_INPUTS)
+	$(SFUMATO) export $(DEMO) --out $(REPO) --target cpu --default-guidance 5
+
+run: model
+	$(SFUMATO) triton serve --model-repository $(REPO)
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+demo-model: $(STAMP)
+	$(SFUMATO) demo-model train --out $(DEMO)
+	$(SFUMATO) demo-model evaluate --model $(DEMO) --grid docs/figures/demo-model-samples.png \
+		--json docs/figures/demo-model-evaluation.json
+
+bench: model
+	$(PY) bench/run.py
+
+clean:
+	rm -rf $(REPO)/text_encoder $(REPO)/unet $(REPO)/vae_encoder $(REPO)/vae_decoder $(REPO)/pipeline $(MODEL_STAMP) var

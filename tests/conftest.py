@@ -1,0 +1,51 @@
+"""Shared fixtures: the committed demo model, one export of it, one real Triton per session."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_MODEL = ROOT / "models" / "sfumato-shapes"
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(scope="session")
+def demo_model() -> Path:
+    assert (DEMO_MODEL / "model_index.json").is_file(), "the committed demo model is missing"
+    return DEMO_MODEL
+
+
+@pytest.fixture(scope="session")
+def exported_repo(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Path:
+    """The demo model exported for the cpu target (what `make model` does), once per session."""
+    from sfumato.export.repository import ExportOptions, export_model_repository
+
+    out = tmp_path_factory.mktemp("export") / "model_repository"
+    export_model_repository(
+        demo_model, out, ExportOptions(target="cpu", default_guidance=5.0, pipeline_instances=8)
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def triton(tmp_path_factory: pytest.TempPathFactory, exported_repo: Path) -> Iterator:
+    """A real tritonserver on free ports serving the exported demo model."""
+    from sfumato.triton_server import TritonServer, free_port
+
+    server = TritonServer(
+        repository=exported_repo,
+        work_dir=tmp_path_factory.mktemp("triton"),
+        http_port=free_port(),
+        grpc_port=free_port(),
+        metrics_port=free_port(),
+        exit_timeout_secs=10,
+    )
+    server.start(timeout=300)
+    yield server
+    code = server.stop()
+    assert code == 0, f"tritonserver did not stop cleanly (exit {code}):\n{server.log_text()[-3000:]}"

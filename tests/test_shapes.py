@@ -1,0 +1,67 @@
+"""The data set definition and the judge that every quality figure relies on."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sfumato import shapes
+
+
+def test_grammar_has_every_combination_once() -> None:
+    scenes = shapes.all_scenes()
+    assert len(scenes) == 8 * 3 * 7
+    assert len({s.caption for s in scenes}) == len(scenes)
+    assert all(s.colour != s.background for s in scenes)
+
+
+def test_caption_round_trip_and_errors() -> None:
+    scene = shapes.parse_caption("a red circle on a white background")
+    assert scene == shapes.Scene(colour="red", shape="circle", background="white")
+    for bad in ("a red circle", "a red hexagon on a white background", "a red circle on a red background"):
+        with pytest.raises(ValueError, match="caption"):
+            shapes.parse_caption(bad)
+
+
+def test_images_are_32px_with_the_exact_background_and_shape_inside() -> None:
+    images, captions = shapes.make_dataset(200, seed=5)
+    assert images.shape == (200, 32, 32, 3) and images.dtype == np.uint8
+    for image, caption in zip(images, captions, strict=True):
+        scene = shapes.parse_caption(caption)
+        background = np.array(shapes.PALETTE[scene.background])
+        border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
+        assert (border == background).all(), "the shape must lie wholly inside the image"
+        colour = np.array(shapes.PALETTE[scene.colour])
+        assert (np.abs(image.astype(int) - colour).sum(axis=2) == 0).sum() >= 16
+
+
+def test_dataset_is_seeded() -> None:
+    a, ca = shapes.make_dataset(20, seed=1)
+    b, cb = shapes.make_dataset(20, seed=1)
+    c, _ = shapes.make_dataset(20, seed=2)
+    assert ca == cb and np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_judge_reads_every_rendered_scene_correctly() -> None:
+    """The judge is the ruler of every quality figure: on ground truth it must be perfect."""
+    rng = np.random.default_rng(0)
+    scenes = shapes.all_scenes() * 4
+    images = np.stack([shapes.render(s, rng=rng) for s in scenes])
+    score = shapes.score(images, scenes)
+    assert (score.background, score.colour, score.shape) == (1.0, 1.0, 1.0)
+
+
+def test_judge_reports_an_empty_image_as_no_object() -> None:
+    blank = np.full((32, 32, 3), shapes.PALETTE["blue"], dtype=np.uint8)
+    verdict = shapes.judge(blank)
+    assert verdict == shapes.Judgement(background="blue", colour=None, shape=None)
+
+
+def test_judge_tolerates_noise_like_a_generated_image() -> None:
+    rng = np.random.default_rng(3)
+    scenes = shapes.random_scenes(60, seed=3)
+    images = np.stack([shapes.render(s, rng=rng) for s in scenes]).astype(np.float32)
+    noisy = np.clip(images + rng.normal(0, 8, images.shape), 0, 255).astype(np.uint8)
+    score = shapes.score(noisy, scenes)
+    assert score.background == 1.0 and score.colour == 1.0 and score.shape >= 0.95
