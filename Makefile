@@ -52,7 +52,7 @@ demo-model: $(STAMP)
 		--json docs/figures/demo-model-evaluation.json
 
 bench: model
-	$(PY) bench/run.py
+	$(PY) bench/serving.py
 
 clean:
 	rm -rf $(REPO)/text_encoder $(REPO)/unet $(REPO)/vae_encoder $(REPO)/vae_decoder $(REPO)/pipeline $(MODEL_STAMP) var

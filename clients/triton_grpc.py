@@ -33,6 +33,12 @@ class TritonCallError(SfumatoError):
     """Triton answered the call with an error (its message names the problem)."""
 
 
+class InvalidArgumentError(TritonCallError):
+    """Triton rejected a field of the request; the message names it."""
+
+    exit_code = 2
+
+
 @dataclass(frozen=True, slots=True)
 class Generation:
     images: np.ndarray  # uint8 [N, H, W, 3]
@@ -77,7 +83,8 @@ def generate(url: str, prompt: str, *, timeout_s: float = 300.0, **options: Any)
             client_timeout=timeout_s,
         )
     except InferenceServerException as exc:
-        raise TritonCallError(f"Triton at {url}: {exc.message()}") from None
+        kind = InvalidArgumentError if "INVALID_ARGUMENT" in str(exc.status()) else TritonCallError
+        raise kind(f"Triton at {url}: {exc.message()}") from None
     finally:
         client.close()
     return Generation(images=result.as_numpy("images"), seeds=result.as_numpy("seeds"))

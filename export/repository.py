@@ -56,6 +56,7 @@ class ExportOptions:
     configs_only: bool = False
     tolerance: float = FP32_TOLERANCE
     pipeline_instances: int = 16
+    dynamic_batching: bool = True  # off: each request runs alone (for comparison only)
     default_steps: int = 25
     default_guidance: float = 7.5
     default_scheduler: str | None = None  # None: the source folder's scheduler where we have it
@@ -161,7 +162,9 @@ def network_config(
             queue_policy=tc.QueuePolicy(
                 max_queue_size=options.max_queue_size, timeout_microseconds=options.queue_timeout_us
             ),
-        ),
+        )
+        if options.dynamic_batching
+        else None,
         "warmup": (tc.Warmup(name=f"{spec.name}_warmup", batch_size=1, inputs=warm_inputs),),
         "parameters": {"sfumato_version": __version__},
     }

@@ -37,6 +37,7 @@ def _export(args: argparse.Namespace) -> int:
         default_steps=args.default_steps,
         default_guidance=args.default_guidance,
         default_scheduler=args.default_scheduler,
+        dynamic_batching=not args.no_dynamic_batching,
     )
     result = export_model_repository(Path(args.src), Path(args.out), options)
     total = result.manifest["timings"].get("total_s")
@@ -186,6 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--default-steps", type=int, default=25, help="steps when a request names none")
     ex.add_argument("--default-guidance", type=float, default=7.5, help="guidance when a request names none")
     ex.add_argument("--default-scheduler", help="ddim | euler | euler_a | dpmpp_2m (default: the source's)")
+    ex.add_argument(
+        "--no-dynamic-batching",
+        action="store_true",
+        help="leave Triton's dynamic batcher off (only to measure what it brings)",
+    )
     ex.add_argument("--configs-only", action="store_true", help="write config.pbtxt files only, no weights")
     ex.set_defaults(func=_export)
 

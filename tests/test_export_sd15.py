@@ -62,8 +62,6 @@ def test_sd15_sized_unet_exports_with_external_data_and_parity(tmp_path: Path) -
     # 8x8 and 8x16 latents (64x64 and 64x128 pixels), batch 1 and 2
     cases = check_parity(modules, info, onnx_paths=paths, sizes=[(64, 64), (64, 128)], batches=(1, 2))
     worst = max(c.relative_error for c in cases)
-    print(
-        f"\nSD-1.5 UNet: {params / 1e6:.0f} M params, export {export_s:.0f} s, worst error {worst:.2e}"
-    )
+    print(f"\nSD-1.5 UNet: {params / 1e6:.0f} M params, export {export_s:.0f} s, worst error {worst:.2e}")
     assert len(cases) == 4
     assert worst <= 1e-4

@@ -1,0 +1,1 @@
+"""The request path inside Triton: request parsing, schedulers and the numpy denoising pipeline."""
