@@ -145,6 +145,98 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _settings():  # -> Settings
+    from pydantic import ValidationError
+
+    from sfumato.control_plane.settings import get_settings
+    from sfumato.errors import UsageError
+
+    try:
+        return get_settings()
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors()
+        )
+        raise UsageError(f"invalid settings: {problems}") from None
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from sfumato.control_plane import logs, migrate
+    from sfumato.control_plane.app import create_app
+
+    settings = _settings()
+    logs.configure(args.log_level.upper())
+    if not args.no_migrate:
+        migrate.upgrade(settings.resolved_database_url)
+    uvicorn.run(
+        create_app(settings),
+        host=args.host,
+        port=args.port,
+        log_config=None,
+        timeout_graceful_shutdown=int(settings.triton_timeout_s),
+    )
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    import asyncio
+    import signal
+
+    from sfumato.control_plane import logs
+    from sfumato.control_plane.services import Services
+    from sfumato.control_plane.worker import run_workers
+
+    settings = _settings()
+    logs.configure(args.log_level.upper())
+
+    async def main_loop() -> None:
+        services = Services.build(settings)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        try:
+            await run_workers(services, count=args.count or max(settings.workers, 1), stop=stop)
+        finally:
+            await services.close()
+
+    asyncio.run(main_loop())
+    return 0
+
+
+def _create_key(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from sfumato.control_plane import accounts
+    from sfumato.control_plane.db import create_engine, session_factory
+
+    settings = _settings()
+
+    async def run() -> str:
+        engine = create_engine(settings.resolved_database_url)
+        try:
+            async with session_factory(engine)() as session:
+                user = await accounts.ensure_user(session=session, name=args.user, role=args.role)
+                _, plaintext = await accounts.create_key(session=session, user_id=user.id, name=args.name)
+                return plaintext
+        finally:
+            await engine.dispose()
+
+    print(asyncio.run(run()))
+    return 0
+
+
+def _db_upgrade(args: argparse.Namespace) -> int:
+    from sfumato.control_plane import migrate
+
+    settings = _settings()
+    migrate.upgrade(settings.resolved_database_url, args.revision)
+    print(f"database at revision {args.revision}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sfumato", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -224,6 +316,32 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--strength", type=float, help="img2img / inpainting strength in (0, 1]")
     gen.add_argument("--timeout", type=float, default=300.0, help="seconds before giving up")
     gen.set_defaults(func=_generate)
+
+    sv = sub.add_parser("serve", help="run the control plane (REST API) with in-process workers")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8080)
+    sv.add_argument("--no-migrate", action="store_true", help="do not upgrade the database schema first")
+    sv.add_argument("--log-level", default="info")
+    sv.set_defaults(func=_serve)
+
+    wk = sub.add_parser("worker", help="run generation workers alone (scale out)")
+    wk.add_argument("--count", type=int, help="workers in this process (default: SFUMATO_WORKERS)")
+    wk.add_argument("--log-level", default="info")
+    wk.set_defaults(func=_worker)
+
+    admin = sub.add_parser("admin", help="administration")
+    admin_sub = admin.add_subparsers(dest="admin_command", required=True, metavar="ACTION")
+    ck = admin_sub.add_parser("create-key", help="create a user if needed and print a new API key for it")
+    ck.add_argument("--user", required=True)
+    ck.add_argument("--role", choices=["admin", "member"], default="member")
+    ck.add_argument("--name", default="", help="a label for the key")
+    ck.set_defaults(func=_create_key)
+
+    db = sub.add_parser("db", help="database schema")
+    db_sub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    up = db_sub.add_parser("upgrade", help="run the Alembic migrations")
+    up.add_argument("revision", nargs="?", default="head")
+    up.set_defaults(func=_db_upgrade)
 
     demo = sub.add_parser("demo-model", help="train or evaluate the built-in demo model")
     demo_sub = demo.add_subparsers(dest="demo_command", required=True, metavar="ACTION")

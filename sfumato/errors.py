@@ -10,15 +10,27 @@ from __future__ import annotations
 
 
 class SfumatoError(Exception):
-    """Base of every error Sfumato raises on purpose."""
+    """Base of every error Sfumato raises on purpose.
+
+    ``exit_code`` is what the command line exits with; ``http_status`` and ``title`` are what
+    the control plane answers (RFC 9457 problem details, mapped in ``control_plane/problems.py``).
+    """
 
     exit_code = 1
+    http_status = 500
+    title = "Internal error"
 
 
 class UsageError(SfumatoError):
     """The caller asked for something invalid (bad argument, bad input folder, bad size)."""
 
     exit_code = 2
+    http_status = 422
+    title = "Invalid request"
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class InvalidSourceError(UsageError):
@@ -41,3 +53,54 @@ class QualityError(SfumatoError):
     """A model's samples fall below the quality bar."""
 
     exit_code = 4
+
+
+class NotFoundError(SfumatoError):
+    """No such resource — or one the caller may not see (never revealed as 403)."""
+
+    http_status = 404
+    title = "Not found"
+
+
+class ConflictError(SfumatoError):
+    """The resource is not in a state that allows this (e.g. a finished job's images pending)."""
+
+    http_status = 409
+    title = "Conflict"
+
+
+class AuthenticationError(SfumatoError):
+    """Missing, malformed, expired or revoked credentials."""
+
+    http_status = 401
+    title = "Unauthorized"
+
+
+class PermissionDeniedError(SfumatoError):
+    """Authenticated, but the role does not allow this action."""
+
+    http_status = 403
+    title = "Forbidden"
+
+
+class RateLimitedError(SfumatoError):
+    """Too many requests, or too many queued jobs; ``retry_after`` in seconds."""
+
+    http_status = 429
+    title = "Too many requests"
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class PayloadTooLargeError(SfumatoError):
+    http_status = 413
+    title = "Payload too large"
+
+
+class ServiceUnavailableError(SfumatoError):
+    """A dependency (the database, Triton) is not reachable."""
+
+    http_status = 503
+    title = "Service unavailable"

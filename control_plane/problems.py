@@ -1,0 +1,132 @@
+"""RFC 9457 problem details: every error response of the API, mapped in this one place.
+
+* :class:`sfumato.errors.SfumatoError` subclasses carry their status and title;
+* FastAPI / Pydantic validation errors become 422 with an ``errors`` list naming each field;
+* Starlette HTTP errors (unknown route, wrong method) keep their status;
+* anything else is a bug: logged with its traceback and re-raised (a plain 500).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from sfumato.errors import AuthenticationError, RateLimitedError, SfumatoError, UsageError
+
+PROBLEM_JSON = "application/problem+json"
+
+
+def problem(status: int, title: str, detail: str | None = None, **extra: Any) -> JSONResponse:
+    body: dict[str, Any] = {"type": "about:blank", "title": title, "status": status}
+    if detail:
+        body["detail"] = detail
+    body.update(extra)
+    return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON)
+
+
+def _field_path(loc: tuple | list) -> str:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    return ".".join(parts) or str(loc[-1] if loc else "")
+
+
+async def _sfumato_error(request: Request, exc: SfumatoError) -> JSONResponse:
+    extra: dict[str, Any] = {"instance": request.url.path}
+    if isinstance(exc, UsageError) and exc.field:
+        extra["errors"] = [{"field": exc.field, "message": str(exc)}]
+    response = problem(exc.http_status, exc.title, str(exc), **extra)
+    if isinstance(exc, RateLimitedError):
+        response.headers["Retry-After"] = str(exc.retry_after)
+    if isinstance(exc, AuthenticationError):
+        response.headers["WWW-Authenticate"] = 'Bearer realm="sfumato"'
+    return response
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = [{"field": _field_path(e.get("loc", ())), "message": e.get("msg", "")} for e in exc.errors()]
+    detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
+    return problem(422, "Invalid request", detail, errors=errors, instance=request.url.path)
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    response = problem(exc.status_code, _reason(exc.status_code), str(exc.detail), instance=request.url.path)
+    for key, value in (exc.headers or {}).items():
+        response.headers[key] = value
+    return response
+
+
+def _reason(status: int) -> str:
+    from http import HTTPStatus
+
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(SfumatoError, _sfumato_error)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
+
+
+PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {
+        "description": "Missing or invalid credentials",
+        "content": {
+            PROBLEM_JSON: {
+                "example": {
+                    "type": "about:blank",
+                    "title": "Unauthorized",
+                    "status": 401,
+                    "detail": "missing bearer credentials",
+                }
+            }
+        },
+    },
+    422: {
+        "description": "A field is invalid",
+        "content": {
+            PROBLEM_JSON: {
+                "example": {
+                    "type": "about:blank",
+                    "title": "Invalid request",
+                    "status": 422,
+                    "detail": "width: Value error, 36 is not a multiple of 8",
+                    "errors": [{"field": "width", "message": "Value error, 36 is not a multiple of 8"}],
+                }
+            }
+        },
+    },
+    429: {
+        "description": "Rate limited (see Retry-After)",
+        "content": {
+            PROBLEM_JSON: {
+                "example": {
+                    "type": "about:blank",
+                    "title": "Too many requests",
+                    "status": 429,
+                    "detail": "rate limit 120/minute exceeded",
+                }
+            }
+        },
+    },
+}
+NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    404: {
+        "description": "No such resource (or not yours)",
+        "content": {
+            PROBLEM_JSON: {
+                "example": {
+                    "type": "about:blank",
+                    "title": "Not found",
+                    "status": 404,
+                    "detail": "no generation 5f2c...",
+                }
+            }
+        },
+    },
+}

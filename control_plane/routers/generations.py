@@ -1,0 +1,201 @@
+"""``/v1/generations``: submit, read, list, cancel, delete, and fetch images."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Path, Query, Request, Response
+from fastapi.responses import JSONResponse
+
+from sfumato.control_plane import jobs
+from sfumato.control_plane.auth import CurrentPrincipal
+from sfumato.control_plane.deps import ServicesDep, SessionDep
+from sfumato.control_plane.models import FINAL_STATUSES, Job
+from sfumato.control_plane.problems import NOT_FOUND, PROBLEM_RESPONSES
+from sfumato.control_plane.schemas import (
+    GenerationCreate,
+    GenerationOut,
+    GenerationPage,
+    ImageOut,
+    JobStatus,
+    Timings,
+)
+from sfumato.errors import NotFoundError
+
+router = APIRouter(prefix="/v1/generations", tags=["generations"], responses=PROBLEM_RESPONSES)
+JobId = Annotated[str, Path(min_length=1, max_length=64, description="the generation's id")]
+_WAIT = re.compile(r"(?:^|[,;\s])wait=(\d+)")
+
+
+def to_out(job: Job) -> GenerationOut:
+    created = job.created_at
+    timings = Timings(
+        queued_s=(job.started_at - created).total_seconds() if job.started_at else None,
+        inference_s=job.inference_s,
+        total_s=(job.finished_at - created).total_seconds() if job.finished_at else None,
+    )
+    params = {k: v for k, v in job.params.items() if not k.endswith("_key")}
+    params.update({k[:-4]: True for k in job.params if k.endswith("_key")})
+    return GenerationOut(
+        id=job.id,
+        status=job.status,  # type: ignore[arg-type]
+        progress=job.progress,
+        params=params,
+        model={"name": job.model_name, "version": job.model_version},
+        attempts=job.attempts,
+        error=job.error,
+        created_at=created,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        timings=timings,
+        seeds=[img.seed for img in job.images],
+        images=[
+            ImageOut(
+                index=img.index,
+                url=f"/v1/generations/{job.id}/images/{img.index}",
+                seed=img.seed,
+                width=img.width,
+                height=img.height,
+                sha256=img.sha256,
+            )
+            for img in job.images
+        ],
+    )
+
+
+def _prefer_wait(prefer: str | None, limit: int) -> int:
+    if not prefer:
+        return 0
+    match = _WAIT.search(prefer)
+    if match is None:
+        return 0
+    return min(int(match.group(1)), limit)
+
+
+@router.post(
+    "",
+    status_code=202,
+    response_model=GenerationOut,
+    summary="Submit a generation",
+    responses={
+        200: {"description": "Finished within `Prefer: wait=N`", "model": GenerationOut},
+        202: {"description": "Accepted; poll the `Location`", "model": GenerationOut},
+        413: {"description": "Body or image too large"},
+    },
+)
+async def create_generation(
+    body: GenerationCreate,
+    request: Request,
+    principal: CurrentPrincipal,
+    session: SessionDep,
+    services: ServicesDep,
+    prefer: Annotated[
+        str | None, Header(description="`wait=N` (N <= 60): answer when done, up to N s")
+    ] = None,
+    idempotency_key: Annotated[
+        str | None, Header(alias="Idempotency-Key", description="retry-safe submission (IETF draft)")
+    ] = None,
+) -> JSONResponse:
+    await services.limiter.hit(
+        services.settings.submit_rate_limit, scope="submit", principal=principal.user_id
+    )
+    job, created = await jobs.create_job(
+        session=session,
+        settings=services.settings,
+        store=services.store,
+        principal=principal,
+        body=body,
+        idempotency_key=idempotency_key,
+    )
+    wait = _prefer_wait(prefer, services.settings.max_wait_s)
+    deadline = time.monotonic() + wait
+    job_id = job.id
+    while wait and job.status not in FINAL_STATUSES and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+        job = await jobs.get_job(session=session, principal=principal, job_id=job_id)
+        await session.commit()  # end the transaction before sleeping (SQLite: free the writer lock)
+    out = to_out(job)
+    headers = {"Location": f"/v1/generations/{job.id}"}
+    if wait:
+        headers["Preference-Applied"] = f"wait={wait}"
+    if not created:
+        headers["Idempotent-Replayed"] = "true"
+    status = 200 if job.status in FINAL_STATUSES and wait else 202
+    return JSONResponse(out.model_dump(mode="json"), status_code=status, headers=headers)
+
+
+@router.get("", response_model=GenerationPage, summary="List your generations, newest first")
+async def list_generations(
+    principal: CurrentPrincipal,
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    cursor: Annotated[
+        str | None, Query(max_length=200, description="`next_cursor` of the previous page")
+    ] = None,
+    status: Annotated[JobStatus | None, Query(description="only jobs in this status")] = None,
+) -> GenerationPage:
+    page = await jobs.list_jobs(
+        session=session, principal=principal, limit=limit, cursor=cursor, status=status
+    )
+    return GenerationPage(items=[to_out(j) for j in page.items], next_cursor=page.next_cursor)
+
+
+@router.get("/{job_id}", response_model=GenerationOut, summary="Read a generation", responses=NOT_FOUND)
+async def get_generation(job_id: JobId, principal: CurrentPrincipal, session: SessionDep) -> GenerationOut:
+    return to_out(await jobs.get_job(session=session, principal=principal, job_id=job_id))
+
+
+@router.post(
+    "/{job_id}/cancel",
+    response_model=GenerationOut,
+    summary="Cancel a generation",
+    responses={**NOT_FOUND, 409: {"description": "Already finished"}},
+)
+async def cancel_generation(job_id: JobId, principal: CurrentPrincipal, session: SessionDep) -> GenerationOut:
+    return to_out(await jobs.cancel_job(session=session, principal=principal, job_id=job_id))
+
+
+@router.delete(
+    "/{job_id}", status_code=204, summary="Delete a generation and its images", responses=NOT_FOUND
+)
+async def delete_generation(
+    job_id: JobId, principal: CurrentPrincipal, session: SessionDep, services: ServicesDep
+) -> Response:
+    await jobs.delete_job(session=session, store=services.store, principal=principal, job_id=job_id)
+    return Response(status_code=204)
+
+
+@router.get(
+    "/{job_id}/images/{index}",
+    summary="Download one image (PNG with the parameters in text chunks)",
+    response_class=Response,
+    responses={
+        200: {"content": {"image/png": {}}, "description": "the PNG"},
+        **NOT_FOUND,
+        304: {"description": "Not modified (If-None-Match)"},
+    },
+)
+async def get_image(
+    job_id: JobId,
+    index: Annotated[int, Path(ge=0, le=1000)],
+    principal: CurrentPrincipal,
+    session: SessionDep,
+    services: ServicesDep,
+    if_none_match: Annotated[str | None, Header()] = None,
+) -> Response:
+    job = await jobs.get_job(session=session, principal=principal, job_id=job_id)
+    image = next((img for img in job.images if img.index == index), None)
+    if image is None:
+        raise NotFoundError(f"generation {job_id} has no image {index}")
+    etag = f'"{image.sha256}"'
+    headers = {"ETag": etag, "Cache-Control": "private, max-age=31536000, immutable"}
+    if if_none_match and etag in [t.strip() for t in if_none_match.split(",")]:
+        return Response(status_code=304, headers=headers)
+    try:
+        data = await services.store.get(image.storage_key)
+    except FileNotFoundError:
+        raise NotFoundError(f"image {index} of generation {job_id} is missing from the store") from None
+    return Response(data, media_type="image/png", headers=headers)

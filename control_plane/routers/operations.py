@@ -1,0 +1,86 @@
+"""``/healthz``, ``/readyz`` and ``/metrics``."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import func, select, text
+
+from sfumato.control_plane.deps import ServicesDep
+from sfumato.control_plane.models import JOB_STATUSES, Job
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/healthz", summary="Liveness: the process answers")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+async def _triton_ready(url: str, model: str) -> str | None:
+    import tritonclient.grpc.aio as aio
+
+    client = aio.InferenceServerClient(url)
+    try:
+        if not await client.is_server_ready(client_timeout=2.0):
+            return "Triton is not ready"
+        if not await client.is_model_ready(model, client_timeout=2.0):
+            return f"Triton model {model!r} is not ready"
+        return None
+    except Exception as exc:
+        return f"Triton at {url} unreachable: {type(exc).__name__}"
+    finally:
+        await client.close()
+
+
+@router.get(
+    "/readyz",
+    summary="Readiness: database reachable and Triton ready",
+    responses={
+        503: {
+            "description": "A dependency is not ready",
+            "content": {
+                "application/json": {
+                    "example": {
+                        "status": "unavailable",
+                        "checks": {"database": "ok", "triton": "Triton is not ready"},
+                    }
+                }
+            },
+        }
+    },
+)
+async def readyz(services: ServicesDep) -> Response:
+    checks: dict[str, str] = {}
+    try:
+        async with services.sessions() as session:
+            await asyncio.wait_for(session.execute(text("SELECT 1")), 3.0)
+        checks["database"] = "ok"
+    except Exception as exc:
+        checks["database"] = f"unreachable: {type(exc).__name__}"
+    problem = await _triton_ready(services.settings.triton_url, services.settings.model_name)
+    checks["triton"] = problem or "ok"
+    ready = all(v == "ok" for v in checks.values())
+    import json
+
+    body = json.dumps({"status": "ok" if ready else "unavailable", "checks": checks})
+    return Response(body, status_code=200 if ready else 503, media_type="application/json")
+
+
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "text exposition format"}},
+)
+async def metrics(services: ServicesDep) -> Response:
+    m = services.metrics
+    async with services.sessions() as session:
+        rows = (await session.execute(select(Job.status, func.count()).group_by(Job.status))).all()
+    counts = dict.fromkeys(JOB_STATUSES, 0) | {status: n for status, n in rows}
+    for status, n in counts.items():
+        m.jobs.labels(status=status).set(n)
+    m.queue_depth.set(counts["queued"])
+    return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
