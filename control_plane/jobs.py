@@ -150,7 +150,12 @@ async def create_job(
         await store.put(key, data)
         params[f"{name}_key"] = key
     job = Job(
-        id=job_id, owner_id=principal.user_id, status="queued", params=params, model_name=settings.model_name
+        id=job_id,
+        owner_id=principal.user_id,
+        status="queued",
+        params=params,
+        model_name=settings.model_name,
+        images=[],
     )
     session.add(job)
     if idempotency_key is not None:

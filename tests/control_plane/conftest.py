@@ -1,0 +1,141 @@
+"""Control-plane fixtures: a fresh database per test on SQLite and on PostgreSQL, and an app.
+
+PostgreSQL: one database migrated once per session serves as a template; every test gets a
+``CREATE DATABASE ... TEMPLATE`` copy (fast) and drops it after. The server is the project's
+(127.0.0.1:5432, trust auth; ``SFUMATO_TEST_POSTGRES`` overrides the admin URL).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+import httpx
+import pytest
+import pytest_asyncio
+
+from sfumato.control_plane import accounts, migrate
+from sfumato.control_plane.app import create_app
+from sfumato.control_plane.settings import Settings
+
+PG_ADMIN = os.environ.get("SFUMATO_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+SECRET = "test-secret-key-0123456789-abcdefghijklmnopqrstuvwxyz"
+
+
+def _pg_url(name: str) -> str:
+    base = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://", 1)
+    return f"{base}/{name}"
+
+
+async def _pg_admin(sql: str) -> None:
+    connection = await asyncpg.connect(PG_ADMIN)
+    try:
+        await connection.execute(sql)
+    finally:
+        await connection.close()
+
+
+def _run(coro) -> None:  # type: ignore[no-untyped-def]
+    """Run a coroutine to completion on a thread of its own (callers may be inside a loop)."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pool.submit(asyncio.run, coro).result()
+
+
+@pytest.fixture(scope="session")
+def pg_template() -> Iterator[str]:
+    name = f"sfumato_tmpl_{secrets.token_hex(4)}"
+    _run(_pg_admin(f"CREATE DATABASE {name}"))
+    migrate.upgrade(_pg_url(name))
+    yield name
+    _run(_pg_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("sqlite-template") / "template.db"
+    migrate.upgrade(f"sqlite+aiosqlite:///{path}")
+    return path
+
+
+@pytest_asyncio.fixture(params=["sqlite", "postgresql"])
+async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """A freshly migrated, empty database of each kind."""
+    if request.param == "sqlite":
+        path = tmp_path / "sfumato.db"
+        shutil.copy(request.getfixturevalue("sqlite_template"), path)
+        yield f"sqlite+aiosqlite:///{path}"
+        return
+    template = request.getfixturevalue("pg_template")
+    name = f"sfumato_t_{secrets.token_hex(6)}"
+    await _pg_admin(f"CREATE DATABASE {name} TEMPLATE {template}")
+    try:
+        yield _pg_url(name)
+    finally:
+        await _pg_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def make_settings(database_url: str, data_dir: Path, **overrides: object) -> Settings:
+    values: dict[str, object] = {
+        "env": "test",
+        "secret_key": SECRET,
+        "database_url": database_url,
+        "data_dir": data_dir,
+        "workers": 0,
+        "triton_url": "127.0.0.1:1",  # no Triton unless a test says so
+        "rate_limit": "10000/minute",
+        "submit_rate_limit": "10000/minute",
+    }
+    values.update(overrides)
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+@dataclass
+class Api:
+    """An app with its lifespan running, an HTTP client on it, and helpers to make principals."""
+
+    app: object
+    client: httpx.AsyncClient
+    settings: Settings
+
+    async def user(self, name: str, *, role: str = "member", password: str | None = None) -> dict[str, str]:
+        services = self.app.state.services  # type: ignore[attr-defined]
+        async with services.sessions() as session:
+            user = await accounts.create_user(session=session, name=name, role=role, password=password)
+            _, key = await accounts.create_key(session=session, user_id=user.id)
+        return {"id": user.id, "key": key, "auth": f"Bearer {key}"}
+
+    def headers(self, who: dict[str, str], **extra: str) -> dict[str, str]:
+        return {"Authorization": who["auth"], **extra}
+
+
+@pytest_asyncio.fixture
+async def api_factory(database_url: str, tmp_path: Path):  # -> factory(**settings) -> Api
+    """``await api_factory(**settings_overrides)`` starts an app on this test's database."""
+    stack: list = []
+
+    async def factory(**overrides: object) -> Api:
+        settings = make_settings(database_url, tmp_path / f"data{len(stack)}", **overrides)
+        app = create_app(settings)
+        lifespan = app.router.lifespan_context(app)
+        await lifespan.__aenter__()
+        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://sfumato.test")
+        stack.append((lifespan, client))
+        return Api(app=app, client=client, settings=settings)
+
+    yield factory
+    for lifespan, client in reversed(stack):
+        await client.aclose()
+        await lifespan.__aexit__(None, None, None)
+
+
+@pytest_asyncio.fixture
+async def api(api_factory) -> Api:
+    return await api_factory()
