@@ -15,7 +15,7 @@ MODEL_INPUTS := $(shell find $(DEMO) export sfumato/serving -type f -not -name '
 .PHONY: help venv run test lint model demo-model bench clean
 
 help:
-	@echo "make run         serve the demo model: Triton (gRPC :8001, HTTP :8000, metrics :8002)"
+	@echo "make run         serve the demo model: Triton (gRPC :8001) and the REST API (:8080)"
 	@echo "make test        the test suite (real Triton, real ONNX Runtime, real diffusers)"
 	@echo "make lint        ruff"
 	@echo "make model       export $(DEMO) into $(REPO) (target cpu)"
@@ -36,8 +36,9 @@ model: $(MODEL_STAMP)
 $(MODEL_STAMP): $(STAMP) $(MODEL_INPUTS)
 	$(SFUMATO) export $(DEMO) --out $(REPO) --target cpu --default-guidance 5
 
+# Embedded defaults: SQLite under var/, the development signing key (refused outside development).
 run: model
-	$(SFUMATO) triton serve --model-repository $(REPO)
+	SFUMATO_ENV=$${SFUMATO_ENV:-development} $(SFUMATO) up --model-repository $(REPO)
 
 test: $(STAMP)
 	$(PY) -m pytest
@@ -53,6 +54,7 @@ demo-model: $(STAMP)
 
 bench: model
 	$(PY) bench/serving.py
+	$(PY) bench/control_plane.py
 
 clean:
 	rm -rf $(REPO)/text_encoder $(REPO)/unet $(REPO)/vae_encoder $(REPO)/vae_decoder $(REPO)/pipeline $(MODEL_STAMP) var

@@ -72,3 +72,14 @@ async def authenticate(*, session: AsyncSession, name: str, password: str) -> Us
     if user.disabled_at is not None:
         raise AuthenticationError("this user is disabled")
     return user
+
+
+async def bootstrap_admin(*, session: AsyncSession, name: str = "admin") -> str | None:
+    """On a database without users, create the admin user and return its first API key (else None)."""
+    from sqlalchemy import func
+
+    if (await session.scalar(select(func.count()).select_from(User))) or 0:
+        return None
+    user = await ensure_user(session=session, name=name, role="admin")
+    _, plaintext = await create_key(session=session, user_id=user.id, name="first start")
+    return plaintext

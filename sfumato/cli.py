@@ -180,6 +180,68 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _up(args: argparse.Namespace) -> int:
+    """Triton and the control plane together, on embedded defaults (what `make run` starts)."""
+    import asyncio
+
+    import uvicorn
+
+    from sfumato.control_plane import accounts, logs, migrate
+    from sfumato.control_plane.app import create_app
+    from sfumato.control_plane.db import create_engine, session_factory
+    from sfumato.triton_server import TritonServer
+
+    settings = _settings()
+    migrate.upgrade(settings.resolved_database_url)
+
+    async def first_key() -> str | None:
+        engine = create_engine(settings.resolved_database_url)
+        try:
+            async with session_factory(engine)() as session:
+                return await accounts.bootstrap_admin(session=session)
+        finally:
+            await engine.dispose()
+
+    key = asyncio.run(first_key())
+    triton = TritonServer(
+        repository=Path(args.model_repository),
+        work_dir=settings.data_dir / "triton",
+        http_port=args.triton_http_port,
+        grpc_port=args.triton_grpc_port,
+        metrics_port=args.triton_metrics_port,
+    )
+    print(f"starting Triton on {args.model_repository} ...", file=sys.stderr, flush=True)
+    triton.start(timeout=300)
+    settings = settings.model_copy(update={"triton_url": triton.grpc_url})
+    base = f"http://{args.host}:{args.port}"
+    print(
+        f"Triton ready: gRPC {triton.grpc_url}, metrics http://127.0.0.1:{args.triton_metrics_port}/metrics"
+    )
+    print(f"control plane: {base} (OpenAPI: {base}/docs)")
+    if key:
+        print("\nadmin API key (shown once; `sfumato admin create-key` makes more):\n")
+        print(f"  {key}\n")
+        print("try it:\n")
+        print(
+            f"  curl -s {base}/v1/generations -H 'Authorization: Bearer {key}' "
+            "-H 'Prefer: wait=60' -H 'Accept: image/png' -H 'Content-Type: application/json' "
+            '-d \'{"prompt": "a red circle on a white background"}\' -o red-circle.png\n',
+            flush=True,
+        )
+    else:
+        print(
+            "admin key: printed on first start; `sfumato admin create-key --user admin --role admin` "
+            "makes a new one",
+            flush=True,
+        )
+    logs.configure(args.log_level.upper())
+    try:
+        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_config=None)
+    finally:
+        triton.stop()
+    return 0
+
+
 def _worker(args: argparse.Namespace) -> int:
     import asyncio
     import signal
@@ -323,6 +385,16 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--no-migrate", action="store_true", help="do not upgrade the database schema first")
     sv.add_argument("--log-level", default="info")
     sv.set_defaults(func=_serve)
+
+    upp = sub.add_parser("up", help="Triton and the control plane together (what `make run` starts)")
+    upp.add_argument("--model-repository", default="model_repository")
+    upp.add_argument("--host", default="127.0.0.1")
+    upp.add_argument("--port", type=int, default=8080)
+    upp.add_argument("--triton-http-port", type=int, default=8000)
+    upp.add_argument("--triton-grpc-port", type=int, default=8001)
+    upp.add_argument("--triton-metrics-port", type=int, default=8002)
+    upp.add_argument("--log-level", default="info")
+    upp.set_defaults(func=_up)
 
     wk = sub.add_parser("worker", help="run generation workers alone (scale out)")
     wk.add_argument("--count", type=int, help="workers in this process (default: SFUMATO_WORKERS)")

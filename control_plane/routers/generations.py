@@ -81,7 +81,11 @@ def _prefer_wait(prefer: str | None, limit: int) -> int:
     response_model=GenerationOut,
     summary="Submit a generation",
     responses={
-        200: {"description": "Finished within `Prefer: wait=N`", "model": GenerationOut},
+        200: {
+            "description": "Finished within `Prefer: wait=N`; with `Accept: image/png`, the first image",
+            "model": GenerationOut,
+            "content": {"image/png": {}},
+        },
         202: {"description": "Accepted; poll the `Location`", "model": GenerationOut},
         413: {"description": "Body or image too large"},
     },
@@ -124,7 +128,22 @@ async def create_generation(
     if not created:
         headers["Idempotent-Replayed"] = "true"
     status = 200 if job.status in FINAL_STATUSES and wait else 202
+    if status == 200 and job.status == "succeeded" and _wants_png(request.headers.get("accept")):
+        # `Accept: image/png` with `Prefer: wait`: the first image itself, for one-line clients.
+        data = await services.store.get(job.images[0].storage_key)
+        headers["ETag"] = f'"{job.images[0].sha256}"'
+        return Response(data, media_type="image/png", headers=headers)
     return JSONResponse(out.model_dump(mode="json"), status_code=status, headers=headers)
+
+
+def _wants_png(accept: str | None) -> bool:
+    """True when the client prefers ``image/png`` over JSON (``Accept: image/png``)."""
+    if not accept:
+        return False
+    types = [part.split(";")[0].strip().lower() for part in accept.split(",")]
+    return "image/png" in types and types.index("image/png") < (
+        types.index("application/json") if "application/json" in types else len(types)
+    )
 
 
 @router.get("", response_model=GenerationPage, summary="List your generations, newest first")

@@ -1,0 +1,279 @@
+"""Control-plane benchmarks: what the REST layer costs, and how fast jobs go in and out.
+
+Run with ``make bench`` (or ``.venv/bin/python bench/control_plane.py``). Real processes: a
+``tritonserver`` and ``sfumato serve`` (uvicorn) over HTTP on loopback. Printed as a table and
+saved as ``bench/results/control_plane.json``.
+
+* REST ``Prefer: wait`` latency vs a direct gRPC call to Triton for the same request (p50, p95):
+  the control plane's overhead (auth, job record, worker claim, image store, PNG).
+* Job submissions per second (no workers, so it is the write path alone) on SQLite and PostgreSQL.
+* ``GET /v1/generations/{id}`` p50 / p99 under a fixed request rate, on both databases.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+PG_ADMIN = os.environ.get("SFUMATO_BENCH_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+REQUEST = {"prompt": "a red circle on a white background", "steps": 25, "guidance_scale": 5.0}
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
+
+
+class ControlPlane:
+    """``sfumato serve`` in a subprocess on a free port, with one API key."""
+
+    def __init__(self, *, database_url: str, data_dir: Path, triton_url: str, workers: int) -> None:
+        from sfumato.triton_server import free_port
+
+        self.port = free_port()
+        self.env = {
+            **os.environ,
+            "SFUMATO_ENV": "test",
+            "SFUMATO_SECRET_KEY": secrets.token_urlsafe(48),
+            "SFUMATO_DATABASE_URL": database_url,
+            "SFUMATO_DATA_DIR": str(data_dir),
+            "SFUMATO_TRITON_URL": triton_url,
+            "SFUMATO_WORKERS": str(workers),
+            "SFUMATO_POLL_INTERVAL_S": "0.02",
+            "SFUMATO_RATE_LIMIT": "1000000/minute",
+            "SFUMATO_SUBMIT_RATE_LIMIT": "1000000/minute",
+            "SFUMATO_MAX_QUEUED_JOBS_PER_USER": "1000000",
+        }
+        sfumato = str(Path(sys.executable).parent / "sfumato")
+        subprocess.run([sfumato, "db", "upgrade"], env=self.env, check=True, capture_output=True)
+        self.key = subprocess.run(
+            [sfumato, "admin", "create-key", "--user", "bench"],
+            env=self.env,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        self.log = (data_dir / "serve.log").open("wb")
+        self.process = subprocess.Popen(
+            [sfumato, "serve", "--port", str(self.port), "--no-migrate", "--log-level", "warning"],
+            env=self.env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        self.url = f"http://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise RuntimeError(f"sfumato serve did not start; see {data_dir / 'serve.log'}")
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"}
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=60)
+        self.log.close()
+
+
+async def rest_vs_grpc(cp: ControlPlane, triton_url: str, *, count: int) -> dict[str, Any]:
+    import tritonclient.grpc.aio as aio
+
+    from sfumato.clients.triton_grpc import pipeline_inputs
+
+    rest, grpc = [], []
+    client = aio.InferenceServerClient(triton_url)
+    async with httpx.AsyncClient(base_url=cp.url, headers=cp.headers, timeout=120) as http:
+        for i in range(count + 2):  # the first two warm both paths up
+            t0 = time.perf_counter()
+            response = await http.post(
+                "/v1/generations", json={**REQUEST, "seed": i}, headers={"Prefer": "wait=60"}
+            )
+            rest_s = time.perf_counter() - t0
+            assert response.status_code == 200 and response.json()["status"] == "succeeded", response.text
+            png = await http.get(response.json()["images"][0]["url"])
+            assert png.status_code == 200
+            t0 = time.perf_counter()
+            await client.infer("pipeline", pipeline_inputs(aio, seed=i, **REQUEST))
+            grpc_s = time.perf_counter() - t0
+            if i >= 2:
+                rest.append(rest_s)
+                grpc.append(grpc_s)
+    await client.close()
+    return {
+        "requests": count,
+        "rest_p50_s": pct(rest, 50),
+        "rest_p95_s": pct(rest, 95),
+        "grpc_p50_s": pct(grpc, 50),
+        "grpc_p95_s": pct(grpc, 95),
+        "overhead_p50_s": pct(rest, 50) - pct(grpc, 50),
+        "overhead_p95_s": pct(rest, 95) - pct(grpc, 95),
+    }
+
+
+async def submissions(cp: ControlPlane, *, count: int, concurrency: int) -> dict[str, Any]:
+    queue = list(range(count))
+    ids: list[str] = []
+    async with httpx.AsyncClient(base_url=cp.url, headers=cp.headers, timeout=60) as http:
+        await http.post("/v1/generations", json=REQUEST)
+
+        async def worker() -> None:
+            while queue:
+                i = queue.pop()
+                response = await http.post("/v1/generations", json={**REQUEST, "seed": i})
+                assert response.status_code == 202, response.text
+                ids.append(response.json()["id"])
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - start
+    return {"submissions": count, "concurrency": concurrency, "per_s": count / elapsed, "ids": ids}
+
+
+async def reads_at_rate(cp: ControlPlane, ids: list[str], *, rate: float, seconds: float) -> dict[str, Any]:
+    latencies: list[float] = []
+    errors = 0
+    async with httpx.AsyncClient(
+        base_url=cp.url, headers=cp.headers, timeout=30, limits=httpx.Limits(max_connections=64)
+    ) as http:
+
+        async def one(job_id: str) -> None:
+            nonlocal errors
+            t0 = time.perf_counter()
+            response = await http.get(f"/v1/generations/{job_id}")
+            latencies.append(time.perf_counter() - t0)
+            errors += response.status_code != 200
+
+        tasks = []
+        start = time.perf_counter()
+        n = int(rate * seconds)
+        for i in range(n):  # open loop: request i is sent at start + i / rate, whatever came back
+            delay = start + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(ids[i % len(ids)])))
+        await asyncio.gather(*tasks)
+        achieved = n / (time.perf_counter() - start)
+    return {
+        "target_rate": rate,
+        "achieved_rate": achieved,
+        "requests": n,
+        "errors": errors,
+        "p50_s": pct(latencies, 50),
+        "p99_s": pct(latencies, 99),
+    }
+
+
+async def _pg_create() -> str:
+    import asyncpg
+
+    name = f"sfumato_bench_{secrets.token_hex(4)}"
+    connection = await asyncpg.connect(PG_ADMIN)
+    await connection.execute(f"CREATE DATABASE {name}")
+    await connection.close()
+    return name
+
+
+async def _pg_drop(name: str) -> None:
+    import asyncpg
+
+    connection = await asyncpg.connect(PG_ADMIN)
+    await connection.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    await connection.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=30, help="REST-vs-gRPC pairs")
+    parser.add_argument("--submissions", type=int, default=500)
+    parser.add_argument("--rate", type=float, default=100.0, help="GET requests per second")
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    work = ROOT / "var" / "bench-control-plane"
+    work.mkdir(parents=True, exist_ok=True)
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from serving import export_repo, start_triton
+
+    results: dict[str, Any] = {"databases": {}}
+    triton = start_triton(export_repo(ROOT / "var" / "bench" / "batched", batching=True), work / "triton")
+    try:
+        data = work / f"sqlite-wait-{secrets.token_hex(3)}"
+        data.mkdir()
+        cp = ControlPlane(
+            database_url=f"sqlite+aiosqlite:///{data / 'db.sqlite'}",
+            data_dir=data,
+            triton_url=triton.grpc_url,
+            workers=2,
+        )
+        try:
+            print("REST Prefer: wait vs direct gRPC ...", file=sys.stderr)
+            results["rest_vs_grpc"] = asyncio.run(rest_vs_grpc(cp, triton.grpc_url, count=args.requests))
+        finally:
+            cp.stop()
+    finally:
+        triton.stop()
+
+    pg_name = asyncio.run(_pg_create())
+    try:
+        for label, url in (
+            ("sqlite", None),
+            (
+                "postgresql",
+                PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://") + f"/{pg_name}",
+            ),
+        ):
+            data = work / f"{label}-{secrets.token_hex(3)}"
+            data.mkdir()
+            url = url or f"sqlite+aiosqlite:///{data / 'db.sqlite'}"
+            cp = ControlPlane(database_url=url, data_dir=data, triton_url="127.0.0.1:1", workers=0)
+            try:
+                print(f"{label}: submissions ...", file=sys.stderr)
+                sub = asyncio.run(submissions(cp, count=args.submissions, concurrency=16))
+                print(f"{label}: GET at {args.rate}/s ...", file=sys.stderr)
+                reads = asyncio.run(reads_at_rate(cp, sub.pop("ids"), rate=args.rate, seconds=args.seconds))
+                results["databases"][label] = {"submit": sub, "get": reads}
+            finally:
+                cp.stop()
+    finally:
+        asyncio.run(_pg_drop(pg_name))
+
+    r = results["rest_vs_grpc"]
+    print("\nREST (Prefer: wait) vs direct gRPC, same request (25 steps, guidance 5)")
+    print(f"{'':<8} {'p50 s':>8} {'p95 s':>8}")
+    print(f"{'REST':<8} {r['rest_p50_s']:>8.3f} {r['rest_p95_s']:>8.3f}")
+    print(f"{'gRPC':<8} {r['grpc_p50_s']:>8.3f} {r['grpc_p95_s']:>8.3f}")
+    print(f"{'overhead':<8} {r['overhead_p50_s']:>8.3f} {r['overhead_p95_s']:>8.3f}")
+    print("\nJob submissions and reads")
+    print(f"{'database':<11} {'submit/s':>9} {'GET rate':>9} {'p50 ms':>7} {'p99 ms':>7} {'errors':>7}")
+    for label, d in results["databases"].items():
+        g = d["get"]
+        print(
+            f"{label:<11} {d['submit']['per_s']:>9.0f} {g['achieved_rate']:>9.0f} {g['p50_s'] * 1000:>11.1f} "
+            f"{g['p99_s'] * 1000:>11.1f} {g['errors']:>7}"
+        )
+    (args.out / "control_plane.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nsaved {args.out / 'control_plane.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
