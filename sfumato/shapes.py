@@ -159,8 +159,10 @@ def judge(image: np.ndarray) -> Judgement:
     * background: the median colour of the one-pixel border, nearest palette colour;
     * object: pixels farther than a threshold from the background colour; the median of the
       clearly-inside ones gives the object's colour;
-    * shape: from how much of its bounding box the object fills (square ~1, circle ~pi/4,
-      triangle ~1/2) and, for the triangle, that its top is narrower than its bottom.
+    * shape: the object's soft coverage map is compared with each ideal shape drawn (with the
+      data set's own renderer) in the object's bounding box; the best intersection-over-union
+      wins. Template matching is robust to the soft edges and rounded corners of decoded
+      images, where simple fill-ratio thresholds mistake a soft square for a circle.
     """
     pixels = np.asarray(image, dtype=np.float32)
     if pixels.ndim != 3 or pixels.shape[2] != 3:
@@ -174,25 +176,33 @@ def judge(image: np.ndarray) -> Judgement:
         return Judgement(background=background, colour=None, shape=None)
     strong = distance > 0.7 * distance[mask].max()
     colour = nearest_colour(np.median(pixels[strong], axis=0))
-    # Coverage-weighted fill ratio: anti-aliased edges count for the share they cover.
-    coverage = np.clip(distance / max(float(np.percentile(distance[mask], 90)), 1.0), 0.0, 1.0)
-    # Fractional extent: a column counts for the most any of its pixels is covered.
-    width = float(coverage.max(axis=0).sum())
-    height_f = float(coverage.max(axis=1).sum())
-    fill = float(coverage.sum()) / max(width * height_f, 1.0)
-    rows = np.flatnonzero(mask.any(axis=1))
-    top, bottom = rows[0], rows[-1]
-    band = coverage[top : bottom + 1]
-    third = max(len(band) // 3, 1)
-    top_width = float(band[:third].sum()) / third
-    bottom_width = float(band[-third:].sum()) / third
-    if fill < 0.68 and top_width < 0.7 * bottom_width:
-        shape = "triangle"
-    elif fill > 0.90:
-        shape = "square"
-    else:
-        shape = "circle"
-    return Judgement(background=background, colour=colour, shape=shape)
+    # Soft coverage: anti-aliased edges count for the share of the pixel they cover; the
+    # background's own noise (measured on the border) counts for nothing.
+    border_distance = np.linalg.norm(border - bg_rgb[None, :], axis=1)
+    floor = float(np.percentile(border_distance, 95))
+    full = max(float(np.percentile(distance[mask], 90)) - floor, 1.0)
+    coverage = np.clip((distance - floor) / full, 0.0, 1.0)
+    return Judgement(background=background, colour=colour, shape=_best_template(coverage))
+
+
+def _best_template(coverage: np.ndarray) -> str | None:
+    """The shape whose ideal rendering in the object's bounding box overlaps ``coverage`` best."""
+    height, width = coverage.shape
+    rows = np.flatnonzero(coverage.max(axis=1) > 0.5)
+    cols = np.flatnonzero(coverage.max(axis=0) > 0.5)
+    if len(rows) == 0 or len(cols) == 0:
+        return None
+    centre = ((cols[0] + cols[-1] + 1) / 2 * _SUPERSAMPLE, (rows[0] + rows[-1] + 1) / 2 * _SUPERSAMPLE)
+    # Fractional extent: a column (row) counts for the most any of its pixels is covered.
+    size = (float(coverage.max(axis=0).sum()) + float(coverage.max(axis=1).sum())) / 2 * _SUPERSAMPLE
+    best, best_iou = None, -1.0
+    for shape in SHAPES:
+        ideal = _shape_mask(shape, centre=centre, size=size, grid=height * _SUPERSAMPLE).astype(np.float32)
+        ideal = ideal.reshape(height, _SUPERSAMPLE, width, _SUPERSAMPLE).mean(axis=(1, 3))
+        iou = float(np.minimum(ideal, coverage).sum()) / max(float(np.maximum(ideal, coverage).sum()), 1e-6)
+        if iou > best_iou:
+            best, best_iou = shape, iou
+    return best
 
 
 @dataclass(frozen=True, slots=True)

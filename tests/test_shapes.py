@@ -65,3 +65,15 @@ def test_judge_tolerates_noise_like_a_generated_image() -> None:
     noisy = np.clip(images + rng.normal(0, 8, images.shape), 0, 255).astype(np.uint8)
     score = shapes.score(noisy, scenes)
     assert score.background == 1.0 and score.colour == 1.0 and score.shape >= 0.95
+
+
+def test_judge_reads_soft_decoded_looking_shapes() -> None:
+    """A decoder softens edges and rounds corners; a soft square is still a square."""
+    rng = np.random.default_rng(4)
+    scenes = shapes.all_scenes()
+    images = np.stack([shapes.render(s, rng=rng) for s in scenes]).astype(np.float32)
+    padded = np.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
+    blurred = sum(padded[:, 1 + dy : 33 + dy, 1 + dx : 33 + dx] for dy in (-1, 0, 1) for dx in (-1, 0, 1)) / 9
+    score = shapes.score(np.rint(blurred).astype(np.uint8), scenes)
+    # The one hard pair is yellow on orange (RGB distance 81): blurred, a small triangle's apex fades.
+    assert (score.background, score.colour) == (1.0, 1.0) and score.shape >= 0.99
