@@ -53,6 +53,7 @@ class BodySizeLimit:
             return
         seen = 0
         too_large = False
+        responder: str | None = None  # who answers: "app", or "limit" (our 413)
 
         async def limited_receive() -> Message:
             nonlocal seen, too_large
@@ -64,10 +65,26 @@ class BodySizeLimit:
                     raise _TooLarge
             return message
 
+        async def guarded_send(message: Message) -> None:
+            # The app may catch the failed read and answer for itself (FastAPI turns any error
+            # while reading a body into a 400): once the body went over the limit, the answer
+            # is our 413 and whatever the app sends is dropped.
+            nonlocal responder
+            if responder is None:
+                responder = "limit" if too_large else "app"
+                if responder == "limit":
+                    await self._reject(send)
+            if responder == "app":
+                await send(message)
+
         try:
-            await self.app(scope, limited_receive, send)
+            await self.app(scope, limited_receive, guarded_send)
         except _TooLarge:
-            await self._reject(send)
+            if responder is None:
+                responder = "limit"
+                await self._reject(send)
+            elif responder == "app":  # the app had already started its own response
+                raise
 
     async def _reject(self, send: Send) -> None:
         body = json.dumps(
@@ -127,6 +144,10 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     app.include_router(accounts.router)
     app.include_router(operations.router)
 
+    # Added before the request-context middleware, so it runs inside it: a 413 still carries
+    # X-Request-ID and is counted in the metrics and the access log.
+    app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
+
     @app.middleware("http")
     async def request_context(request: Request, call_next) -> Response:  # type: ignore[no-untyped-def]
         incoming = request.headers.get("x-request-id", "")
@@ -165,5 +186,4 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
             )
             logs.request_id.reset(token)
 
-    app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
     return app

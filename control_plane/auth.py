@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Annotated
 
 import jwt
@@ -17,6 +18,7 @@ from sfumato.control_plane.security import decode_token, secret_matches, split_a
 from sfumato.control_plane.services import Services
 from sfumato.errors import AuthenticationError, PermissionDeniedError
 
+LAST_USED_RESOLUTION = timedelta(seconds=60)
 bearer = HTTPBearer(auto_error=False, description="An API key (sfm_...) or an access token (JWT)")
 
 
@@ -46,7 +48,10 @@ async def _from_api_key(token: str, session: AsyncSession) -> Principal:
     user = await session.get(User, key.user_id)
     if user is None or user.disabled_at is not None:
         raise AuthenticationError("this API key's user is disabled")
-    await session.execute(update(ApiKey).where(ApiKey.id == key.id).values(last_used_at=utcnow()))
+    now = utcnow()
+    if key.last_used_at is None or now - key.last_used_at > LAST_USED_RESOLUTION:
+        # One write a minute per key, not one per request (SQLite has a single writer).
+        await session.execute(update(ApiKey).where(ApiKey.id == key.id).values(last_used_at=now))
     await session.commit()
     return Principal(user_id=user.id, name=user.name, role=user.role, via="api_key", key_id=key.id)
 

@@ -158,17 +158,20 @@ async def create_job(
         images=[],
     )
     session.add(job)
-    if idempotency_key is not None:
-        session.add(
-            IdempotencyRecord(
-                principal=principal.user_id,
-                key=idempotency_key,
-                request_hash=digest,
-                job_id=job_id,
-                expires_at=utcnow() + timedelta(seconds=settings.idempotency_ttl_s),
-            )
-        )
     try:
+        # The record's foreign key needs the job row first, and with no ORM relationship between
+        # the two the unit of work would not order the inserts: flush the job on its own.
+        await session.flush()
+        if idempotency_key is not None:
+            session.add(
+                IdempotencyRecord(
+                    principal=principal.user_id,
+                    key=idempotency_key,
+                    request_hash=digest,
+                    job_id=job_id,
+                    expires_at=utcnow() + timedelta(seconds=settings.idempotency_ttl_s),
+                )
+            )
         await session.commit()
     except IntegrityError:  # the same key raced us; answer with the winner's job
         await session.rollback()

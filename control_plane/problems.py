@@ -130,3 +130,16 @@ NOT_FOUND: dict[int | str, dict[str, Any]] = {
         },
     },
 }
+
+
+def problem_response(
+    status: int, title: str, description: str, detail: str
+) -> dict[int | str, dict[str, Any]]:
+    """An OpenAPI ``responses`` entry: a problem of ``status``, with an example."""
+    example = {"type": "about:blank", "title": title, "status": status, "detail": detail}
+    return {status: {"description": description, "content": {PROBLEM_JSON: {"example": example}}}}
+
+
+FORBIDDEN = problem_response(
+    403, "Forbidden", "The caller's role does not allow this", "this action needs the admin role"
+)

@@ -71,37 +71,34 @@ class Timings(BaseModel):
     total_s: float | None = Field(description="from submission to the final status")
 
 
-class GenerationOut(BaseModel):
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "id": "3f0c1d0f5d8a4c6e9a7b2e1f0a9b8c7d",
-                    "status": "succeeded",
-                    "progress": 1.0,
-                    "params": GENERATION_EXAMPLE,
-                    "model": {"name": "pipeline", "version": "1"},
-                    "attempts": 1,
-                    "error": None,
-                    "created_at": "2026-11-22T10:00:00Z",
-                    "started_at": "2026-11-22T10:00:00.2Z",
-                    "finished_at": "2026-11-22T10:00:01.1Z",
-                    "timings": {"queued_s": 0.2, "inference_s": 0.8, "total_s": 1.1},
-                    "seeds": [42, 43],
-                    "images": [
-                        {
-                            "index": 0,
-                            "url": "/v1/generations/3f0c1d0f5d8a4c6e9a7b2e1f0a9b8c7d/images/0",
-                            "seed": 42,
-                            "width": 32,
-                            "height": 32,
-                            "sha256": "9b1d...",
-                        }
-                    ],
-                }
-            ]
+GENERATION_OUT_EXAMPLE = {
+    "id": "3f0c1d0f5d8a4c6e9a7b2e1f0a9b8c7d",
+    "status": "succeeded",
+    "progress": 1.0,
+    "params": GENERATION_EXAMPLE,
+    "model": {"name": "pipeline", "version": "1"},
+    "attempts": 1,
+    "error": None,
+    "created_at": "2026-11-22T10:00:00Z",
+    "started_at": "2026-11-22T10:00:00.2Z",
+    "finished_at": "2026-11-22T10:00:01.1Z",
+    "timings": {"queued_s": 0.2, "inference_s": 0.8, "total_s": 1.1},
+    "seeds": [42, 43],
+    "images": [
+        {
+            "index": 0,
+            "url": "/v1/generations/3f0c1d0f5d8a4c6e9a7b2e1f0a9b8c7d/images/0",
+            "seed": 42,
+            "width": 32,
+            "height": 32,
+            "sha256": "9b1d...",
         }
-    )
+    ],
+}
+
+
+class GenerationOut(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [GENERATION_OUT_EXAMPLE]})
 
     id: str
     status: JobStatus
@@ -119,6 +116,14 @@ class GenerationOut(BaseModel):
 
 
 class GenerationPage(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"items": [GENERATION_OUT_EXAMPLE], "next_cursor": "MjAyNi0xMS0yMlQxMDowMDowMCswMDowMHwzZjBj"}
+            ]
+        }
+    )
+
     items: list[GenerationOut]
     next_cursor: str | None = Field(description="pass as `cursor` for the next (older) page; null at the end")
 
@@ -132,6 +137,14 @@ class TokenRequest(BaseModel):
 
 
 class TokenResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"access_token": "eyJhbGciOiJIUzI1NiIs...", "token_type": "bearer", "expires_in": 3600}
+            ]
+        }
+    )
+
     access_token: str
     token_type: Literal["bearer"] = "bearer"
     expires_in: int
@@ -140,7 +153,9 @@ class TokenResponse(BaseModel):
 class UserCreate(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
-        json_schema_extra={"examples": [{"name": "alice", "role": "member", "password": "s3cret!"}]},
+        json_schema_extra={
+            "examples": [{"name": "alice", "role": "member", "password": "correct horse battery"}]
+        },
     )
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.@-]+$")
     role: Literal["admin", "member"] = "member"
@@ -148,6 +163,20 @@ class UserCreate(BaseModel):
 
 
 class UserOut(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "8d6f0e1c2b3a49588776655443322110",
+                    "name": "alice",
+                    "role": "member",
+                    "created_at": "2026-11-22T10:00:00Z",
+                    "disabled": False,
+                }
+            ]
+        }
+    )
+
     id: str
     name: str
     role: str
@@ -160,7 +189,19 @@ class KeyCreate(BaseModel):
     name: str = Field(default="", max_length=64)
 
 
+KEY_EXAMPLE = {
+    "id": "k3y1d0000abc",
+    "user_id": "8d6f0e1c2b3a49588776655443322110",
+    "name": "ci",
+    "created_at": "2026-11-22T10:00:00Z",
+    "last_used_at": None,
+    "revoked": False,
+}
+
+
 class KeyOut(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [KEY_EXAMPLE]})
+
     id: str
     user_id: str
     name: str
@@ -170,4 +211,8 @@ class KeyOut(BaseModel):
 
 
 class KeyCreated(KeyOut):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [KEY_EXAMPLE | {"key": "sfm_k3y1d0000abc_2Jx...(43 characters)"}]}
+    )
+
     key: str = Field(description="the API key; shown only in this response")

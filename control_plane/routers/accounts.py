@@ -11,7 +11,7 @@ from sfumato.control_plane import accounts
 from sfumato.control_plane.auth import AdminPrincipal, CurrentPrincipal
 from sfumato.control_plane.deps import ServicesDep, SessionDep
 from sfumato.control_plane.models import ApiKey, User
-from sfumato.control_plane.problems import NOT_FOUND, PROBLEM_RESPONSES
+from sfumato.control_plane.problems import FORBIDDEN, NOT_FOUND, PROBLEM_RESPONSES, problem_response
 from sfumato.control_plane.schemas import (
     KeyCreate,
     KeyCreated,
@@ -69,13 +69,22 @@ async def token(body: TokenRequest, session: SessionDep, services: ServicesDep) 
     return TokenResponse(access_token=access, expires_in=s.access_token_ttl_s)
 
 
-@router.post("/v1/users", response_model=UserOut, status_code=201, summary="Create a user (admin)")
+@router.post(
+    "/v1/users",
+    response_model=UserOut,
+    status_code=201,
+    summary="Create a user (admin)",
+    responses={
+        **FORBIDDEN,
+        **problem_response(409, "Conflict", "The name is taken", "a user named 'alice' already exists"),
+    },
+)
 async def create_user(body: UserCreate, _: AdminPrincipal, session: SessionDep) -> UserOut:
     user = await accounts.create_user(session=session, name=body.name, role=body.role, password=body.password)
     return _user_out(user)
 
 
-@router.get("/v1/users", response_model=list[UserOut], summary="List users (admin)")
+@router.get("/v1/users", response_model=list[UserOut], summary="List users (admin)", responses=FORBIDDEN)
 async def list_users(_: AdminPrincipal, session: SessionDep) -> list[UserOut]:
     return [_user_out(u) for u in (await session.scalars(select(User).order_by(User.created_at))).all()]
 
@@ -85,7 +94,7 @@ async def list_users(_: AdminPrincipal, session: SessionDep) -> list[UserOut]:
     response_model=KeyCreated,
     status_code=201,
     summary="Create an API key for a user (admin)",
-    responses=NOT_FOUND,
+    responses={**FORBIDDEN, **NOT_FOUND},
 )
 async def create_key_for(
     user_id: UserId, body: KeyCreate, _: AdminPrincipal, session: SessionDep

@@ -14,7 +14,7 @@ from sfumato.control_plane import jobs
 from sfumato.control_plane.auth import CurrentPrincipal
 from sfumato.control_plane.deps import ServicesDep, SessionDep
 from sfumato.control_plane.models import FINAL_STATUSES, Job
-from sfumato.control_plane.problems import NOT_FOUND, PROBLEM_RESPONSES
+from sfumato.control_plane.problems import NOT_FOUND, PROBLEM_RESPONSES, problem_response
 from sfumato.control_plane.schemas import (
     GenerationCreate,
     GenerationOut,
@@ -87,7 +87,9 @@ def _prefer_wait(prefer: str | None, limit: int) -> int:
             "content": {"image/png": {}},
         },
         202: {"description": "Accepted; poll the `Location`", "model": GenerationOut},
-        413: {"description": "Body or image too large"},
+        **problem_response(
+            413, "Payload too large", "Body or image too large", "image: larger than 4194304 bytes"
+        ),
     },
 )
 async def create_generation(
@@ -146,6 +148,13 @@ def _wants_png(accept: str | None) -> bool:
     )
 
 
+def _none_match(if_none_match: str, etag: str) -> bool:
+    """``If-None-Match`` matches ``etag``: ``*``, or any listed tag by weak comparison (RFC 9110
+    §13.1.2: ``W/"x"`` matches ``"x"``)."""
+    tags = [t.strip() for t in if_none_match.split(",")]
+    return "*" in tags or etag in [t.removeprefix("W/") for t in tags]
+
+
 @router.get("", response_model=GenerationPage, summary="List your generations, newest first")
 async def list_generations(
     principal: CurrentPrincipal,
@@ -171,7 +180,10 @@ async def get_generation(job_id: JobId, principal: CurrentPrincipal, session: Se
     "/{job_id}/cancel",
     response_model=GenerationOut,
     summary="Cancel a generation",
-    responses={**NOT_FOUND, 409: {"description": "Already finished"}},
+    responses={
+        **NOT_FOUND,
+        **problem_response(409, "Conflict", "Already finished", "generation 5f2c... is already succeeded"),
+    },
 )
 async def cancel_generation(job_id: JobId, principal: CurrentPrincipal, session: SessionDep) -> GenerationOut:
     return to_out(await jobs.cancel_job(session=session, principal=principal, job_id=job_id))
@@ -211,7 +223,7 @@ async def get_image(
         raise NotFoundError(f"generation {job_id} has no image {index}")
     etag = f'"{image.sha256}"'
     headers = {"ETag": etag, "Cache-Control": "private, max-age=31536000, immutable"}
-    if if_none_match and etag in [t.strip() for t in if_none_match.split(",")]:
+    if if_none_match and _none_match(if_none_match, etag):
         return Response(status_code=304, headers=headers)
     try:
         data = await services.store.get(image.storage_key)

@@ -14,7 +14,11 @@ from sfumato.control_plane.models import JOB_STATUSES, Job
 router = APIRouter(tags=["operations"])
 
 
-@router.get("/healthz", summary="Liveness: the process answers")
+@router.get(
+    "/healthz",
+    summary="Liveness: the process answers",
+    responses={200: {"content": {"application/json": {"example": {"status": "ok"}}}}},
+)
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
@@ -39,6 +43,14 @@ async def _triton_ready(url: str, model: str) -> str | None:
     "/readyz",
     summary="Readiness: database reachable and Triton ready",
     responses={
+        200: {
+            "description": "Ready",
+            "content": {
+                "application/json": {
+                    "example": {"status": "ok", "checks": {"database": "ok", "triton": "ok"}}
+                }
+            },
+        },
         503: {
             "description": "A dependency is not ready",
             "content": {
@@ -49,7 +61,7 @@ async def _triton_ready(url: str, model: str) -> str | None:
                     }
                 }
             },
-        }
+        },
     },
 )
 async def readyz(services: ServicesDep) -> Response:

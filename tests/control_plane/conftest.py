@@ -139,3 +139,49 @@ async def api_factory(database_url: str, tmp_path: Path):  # -> factory(**settin
 @pytest_asyncio.fixture
 async def api(api_factory) -> Api:
     return await api_factory()
+
+
+@pytest.fixture
+def complete_job():  # -> async (api, job_id, count=1) -> list[bytes]
+    """``await complete_job(api, job_id, count=1)`` finishes a queued job the way a worker does,
+    without Triton: ``jobs.claim_next`` as worker ``test-worker`` (the job must be the oldest
+    claimable one), ``count`` solid-colour 32x32 PNGs put in the app's image store, then
+    ``jobs.complete_job``. Returns the PNG bytes, in index order."""
+    import hashlib
+
+    import numpy as np
+
+    from sfumato.clients.png import encode_png
+    from sfumato.control_plane import jobs
+
+    async def complete(api: Api, job_id: str, count: int = 1) -> list[bytes]:
+        services = api.app.state.services  # type: ignore[attr-defined]
+        async with services.sessions() as session:
+            claimed = await jobs.claim_next(session=session, worker_id="test-worker", lease_s=60)
+        assert claimed is not None and claimed.id == job_id, "the job to complete must be the oldest queued"
+        pngs, rows = [], []
+        for index in range(count):
+            png = encode_png(
+                np.full((32, 32, 3), (40 * index, 60, 200), dtype=np.uint8), text={"i": str(index)}
+            )
+            key = f"generations/{job_id}/{index}.png"
+            await services.store.put(key, png)
+            pngs.append(png)
+            rows.append(
+                {
+                    "index": index,
+                    "storage_key": key,
+                    "seed": int(claimed.params["seed"]) + index,
+                    "width": 32,
+                    "height": 32,
+                    "sha256": hashlib.sha256(png).hexdigest(),
+                }
+            )
+        async with services.sessions() as session:
+            recorded = await jobs.complete_job(
+                session=session, job_id=job_id, worker_id="test-worker", images=rows, inference_s=0.25
+            )
+        assert recorded
+        return pngs
+
+    return complete
