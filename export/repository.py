@@ -90,6 +90,10 @@ def _check_options(options: ExportOptions, info: SourceInfo) -> list[tuple[int, 
         raise UsageError(f"unsupported precision {options.precision!r}; choose fp32 or fp16")
     if options.precision == "fp16" and options.target == "cpu":
         raise UsageError("--precision fp16 needs a GPU target (onnxruntime or tensorrt); cpu runs fp32")
+    if options.target == "tensorrt" and not options.configs_only:
+        from sfumato.export.tensorrt import require_tensorrt
+
+        require_tensorrt()  # before minutes of export, not after
     if options.max_batch_size < 1:
         raise UsageError(f"--max-batch-size must be at least 1, got {options.max_batch_size}")
     sizes = list(options.image_sizes) or [info.native_size]
