@@ -161,9 +161,7 @@ def test_quality_bar_through_triton(triton) -> None:
             )
         )
     score = shapes.score(np.stack(images), scenes)
-    print(
-        f"\nTriton: background {score.background:.3f} colour {score.colour:.3f} shape {score.shape:.3f}"
-    )
+    print(f"\nTriton: background {score.background:.3f} colour {score.colour:.3f} shape {score.shape:.3f}")
     assert score.meets(background=0.95, colour=0.90, shape=0.80), score
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import string
 from collections import Counter
+from itertools import pairwise
 from pathlib import Path
 
 from sfumato.shapes import all_scenes
@@ -38,7 +39,7 @@ def learn_merges(words: Counter[str]) -> list[tuple[str, str]]:
     while True:
         pairs: Counter[tuple[str, str]] = Counter()
         for symbols, count in segmented.items():
-            for pair in zip(symbols, symbols[1:], strict=False):
+            for pair in pairwise(symbols):
                 pairs[pair] += count
         if not pairs:
             return merges
