@@ -74,6 +74,19 @@ def install(app: FastAPI) -> None:
 
 
 PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {
+        "description": "The body is not readable (not UTF-8 / not JSON at all)",
+        "content": {
+            PROBLEM_JSON: {
+                "example": {
+                    "type": "about:blank",
+                    "title": "Bad Request",
+                    "status": 400,
+                    "detail": "There was an error parsing the body",
+                }
+            }
+        },
+    },
     401: {
         "description": "Missing or invalid credentials",
         "content": {
