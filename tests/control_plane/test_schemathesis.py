@@ -91,6 +91,7 @@ async def test_schemathesis_finds_no_server_errors(database_url: str, tmp_path: 
             capture_output=True,
             text=True,
             timeout=600,
+            cwd=tmp_path,  # schemathesis keeps its state in ./.schemathesis
         )
         print(run.stdout[-1500:])
         assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
