@@ -30,12 +30,12 @@ from sfumato.control_plane.services import Services
 
 log = logging.getLogger("sfumato.worker")
 
+# Worth another attempt: Triton down or restarting, the deadline passed, its queue was full.
+# Anything else (invalid argument, an internal error of the pipeline) fails the job at once.
 TRANSIENT = {
     "StatusCode.UNAVAILABLE",
     "StatusCode.DEADLINE_EXCEEDED",
     "StatusCode.RESOURCE_EXHAUSTED",
-    "StatusCode.INTERNAL",
-    "StatusCode.UNKNOWN",
 }
 PIPELINE_FIELDS = (
     "negative_prompt",
@@ -48,6 +48,19 @@ PIPELINE_FIELDS = (
     "scheduler",
     "strength",
 )
+
+
+WORKER_ID_LENGTH = 64  # the ``jobs.lease_owner`` column
+
+
+def worker_id(index: int | str) -> str:
+    """``host:pid:index``, at most :data:`WORKER_ID_LENGTH` characters.
+
+    A long host name (a Kubernetes pod name has up to 63) is cut from the front: its end (the
+    pod's random suffix) and the pid tell workers apart, and two workers must never share an id.
+    """
+    suffix = f":{os.getpid()}:{index}"
+    return socket.gethostname()[-(WORKER_ID_LENGTH - len(suffix)) :] + suffix
 
 
 class TritonFailure(Exception):
@@ -64,7 +77,7 @@ class Worker:
     def __init__(self, services: Services, *, name: str | None = None) -> None:
         self.services = services
         self.settings = services.settings
-        self.id = name or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"[:64]
+        self.id = name or worker_id(f"{id(self):x}")
         self._client: Any = None
 
     async def _triton(self) -> Any:
@@ -250,10 +263,21 @@ class Worker:
             )
         if done:
             self.services.metrics.jobs_finished.labels(status="succeeded").inc()
-        else:
-            log.warning("job %s finished but its lease was lost; result discarded", job_id)
+            return
+        # Lost the lease. Re-claimed by another worker: it writes the same bytes under the same
+        # keys (the seed is fixed at submission), so the files stay. Deleted: remove them.
+        async with sessions() as session:
+            exists = await session.get(jobs.Job, job_id) is not None
+        if not exists:
+            for row in rows:
+                await self.services.store.delete(row["storage_key"])
+        log.warning(
+            "job %s finished but its lease was lost (%s); result discarded",
+            job_id,
+            "re-claimed" if exists else "deleted",
+        )
 
 
 async def run_workers(services: Services, *, count: int, stop: asyncio.Event) -> None:
-    workers = [Worker(services, name=f"{socket.gethostname()}:{os.getpid()}:{i}") for i in range(count)]
+    workers = [Worker(services, name=worker_id(i)) for i in range(count)]
     await asyncio.gather(*(w.run(stop) for w in workers))

@@ -183,6 +183,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _up(args: argparse.Namespace) -> int:
     """Triton and the control plane together, on embedded defaults (what `make run` starts)."""
     import asyncio
+    import signal
 
     import uvicorn
 
@@ -235,9 +236,21 @@ def _up(args: argparse.Namespace) -> int:
             flush=True,
         )
     logs.configure(args.log_level.upper())
+
+    def _exit(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    # uvicorn handles SIGINT/SIGTERM while it runs, then re-raises the signal once it has shut
+    # down; this handler turns that into SystemExit so that Triton is stopped below.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _exit)
     try:
         uvicorn.run(create_app(settings), host=args.host, port=args.port, log_config=None)
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+        return 0 if code in (128 + signal.SIGINT, 128 + signal.SIGTERM) else code
     finally:
+        print("stopping Triton ...", file=sys.stderr, flush=True)
         triton.stop()
     return 0
 

@@ -41,6 +41,15 @@ class TritonDistribution:
     stub: Path
 
 
+def _terminate_with_parent() -> None:
+    """In the child before exec: SIGTERM when the process that started Triton dies, even by SIGKILL
+    (Linux ``PR_SET_PDEATHSIG``), so no orphaned server keeps the ports."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
 def find_distribution() -> TritonDistribution:
     """Locate the tritonserver binary, its libraries and the stub for this Python."""
     try:

@@ -43,7 +43,7 @@ def triton(tmp_path_factory: pytest.TempPathFactory, exported_repo: Path) -> Ite
         http_port=free_port(),
         grpc_port=free_port(),
         metrics_port=free_port(),
-        exit_timeout_secs=10,
+        exit_timeout_secs=30,  # 8 pipeline instances take ~10 s to unload on 2 cores
     )
     server.start(timeout=300)
     yield server
