@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sfumato import __version__
 from sfumato.control_plane import logs, problems
-from sfumato.control_plane.routers import accounts, generations, operations
+from sfumato.control_plane.routers import accounts, generations, models, operations
 from sfumato.control_plane.services import Services
 from sfumato.control_plane.settings import Settings, get_settings
 from sfumato.control_plane.worker import run_workers
@@ -142,6 +142,7 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     problems.install(app)
     app.include_router(generations.router)
     app.include_router(accounts.router)
+    app.include_router(models.router)
     app.include_router(operations.router)
 
     # Added before the request-context middleware, so it runs inside it: a 413 still carries

@@ -322,7 +322,13 @@ async def _owned(session: AsyncSession, job_id: str, worker_id: str) -> Job | No
 
 
 async def complete_job(
-    *, session: AsyncSession, job_id: str, worker_id: str, images: list[dict[str, Any]], inference_s: float
+    *,
+    session: AsyncSession,
+    job_id: str,
+    worker_id: str,
+    images: list[dict[str, Any]],
+    inference_s: float,
+    model_version: str = "",
 ) -> bool:
     """Record success and the images, once: only while this worker still holds the lease."""
     job = await _owned(session, job_id, worker_id)
@@ -335,6 +341,7 @@ async def complete_job(
     job.progress = 1.0
     job.finished_at = utcnow()
     job.inference_s = inference_s
+    job.model_version = model_version
     job.error = None
     job.lease_owner = None
     job.lease_expires_at = None

@@ -155,7 +155,7 @@ class Worker:
                 return verdict
         return None
 
-    async def _call(self, job_id: str, params: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, float]:
+    async def _call(self, job_id: str, params: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, float, str]:
         import tritonclient.grpc.aio as aio
         from tritonclient.utils import InferenceServerException
 
@@ -183,14 +183,15 @@ class Worker:
             raise TritonFailure(str(exc.status()), exc.message() or str(exc)) from None
         elapsed = time.perf_counter() - started
         self.services.metrics.triton_duration.observe(elapsed)
-        return result.as_numpy("images"), result.as_numpy("seeds"), elapsed
+        version = str(result.get_response().model_version)
+        return result.as_numpy("images"), result.as_numpy("seeds"), elapsed, version
 
     async def _record(
         self, job_id: str, call: asyncio.Task, heartbeat: asyncio.Task, *, attempts: int
     ) -> None:
         sessions = self.services.sessions
         try:
-            images, seeds, elapsed = call.result()
+            images, seeds, elapsed, version = call.result()
         except asyncio.CancelledError:
             verdict = heartbeat.result() if heartbeat.done() else None
             if verdict == "cancel":
@@ -259,7 +260,12 @@ class Worker:
             )
         async with sessions() as session:
             done = await jobs.complete_job(
-                session=session, job_id=job_id, worker_id=self.id, images=rows, inference_s=elapsed
+                session=session,
+                job_id=job_id,
+                worker_id=self.id,
+                images=rows,
+                inference_s=elapsed,
+                model_version=version,
             )
         if done:
             self.services.metrics.jobs_finished.labels(status="succeeded").inc()

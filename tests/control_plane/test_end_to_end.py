@@ -24,6 +24,7 @@ async def test_generate_and_download_through_triton(api_factory, triton) -> None
     job = r.json()
     assert r.headers["location"] == f"/v1/generations/{job['id']}"
     assert (job["status"], job["attempts"], job["error"]) == ("succeeded", 1, None), job
+    assert job["model"] == {"name": "pipeline", "version": "1"}
     assert job["timings"]["inference_s"] > 0 and job["progress"] == 1.0
     assert [img["index"] for img in job["images"]] == [0, 1]
     assert job["images"][0]["seed"] == 1234 and job["seeds"] == [img["seed"] for img in job["images"]]
@@ -76,3 +77,28 @@ async def test_prefer_wait_gives_up_at_the_cap(api_factory) -> None:
     assert r.headers["preference-applied"] == "wait=1"
     assert r.json()["status"] == "queued"
     assert 1.0 <= elapsed < 30, f"waited {elapsed:.1f} s for a 1 s cap"
+
+
+async def test_admins_control_tritons_models(api_factory, triton) -> None:
+    api = await api_factory(triton_url=triton.grpc_url)
+    admin, member = await api.user("root", role="admin"), await api.user("alice")
+    assert (await api.client.get("/v1/models", headers=api.headers(member))).status_code == 403
+    r = await api.client.get("/v1/models", headers=api.headers(admin))
+    assert r.status_code == 200, r.text
+    states = {m["name"]: m["state"] for m in r.json()}
+    assert states == dict.fromkeys(
+        ["pipeline", "text_encoder", "unet", "vae_decoder", "vae_encoder"], "READY"
+    )
+    assert (
+        await api.client.post("/v1/models/vae_encoder/unload", headers=api.headers(member))
+    ).status_code == 403
+    try:
+        r = await api.client.post("/v1/models/vae_encoder/unload", headers=api.headers(admin))
+        assert r.status_code == 200 and r.json()[0]["state"] == "UNAVAILABLE", r.text
+    finally:
+        r = await api.client.post("/v1/models/vae_encoder/load", headers=api.headers(admin))
+    assert r.status_code == 200 and r.json() == [
+        {"name": "vae_encoder", "version": "1", "state": "READY", "reason": ""}
+    ], r.text
+    r = await api.client.post("/v1/models/nonesuch/load", headers=api.headers(admin))
+    assert r.status_code == 404 and r.headers["content-type"] == "application/problem+json"
