@@ -32,6 +32,7 @@ def _export(args: argparse.Namespace) -> int:
         max_queue_size=args.max_queue_size,
         queue_timeout_us=args.queue_timeout_us,
         instance_count=args.instance_count,
+        intra_op_threads=args.intra_op_threads,
         configs_only=args.configs_only,
         pipeline_instances=args.pipeline_instances,
         default_steps=args.default_steps,
@@ -344,7 +345,12 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--max-queue-delay-us", type=int, default=2_000, help="dynamic batcher delay")
     ex.add_argument("--max-queue-size", type=int, default=256, help="queued requests before Triton rejects")
     ex.add_argument("--queue-timeout-us", type=int, default=30_000_000, help="queued longer -> rejected")
-    ex.add_argument("--instance-count", type=int, default=1, help="model instances per network")
+    ex.add_argument(
+        "--instance-count", type=int, help="instances per network (default: 2 on cpu, 1 on a GPU)"
+    )
+    ex.add_argument(
+        "--intra-op-threads", type=int, default=1, help="cpu: ONNX Runtime threads per instance (0 = all)"
+    )
     ex.add_argument(
         "--pipeline-instances",
         type=int,

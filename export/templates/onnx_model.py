@@ -34,6 +34,9 @@ class TritonPythonModel:
         version_dir = Path(args["model_repository"]) / args["model_version"]
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(parameters.get("intra_op_threads", "0"))
+        # Several models and many pipeline stubs share the cores: idle ONNX Runtime threads
+        # must sleep, not spin (spinning starves the other processes and halves throughput).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = ort.InferenceSession(
             str(version_dir / "model.onnx"), options, providers=["CPUExecutionProvider"]
