@@ -267,8 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     for label, d in results["databases"].items():
         g = d["get"]
         print(
-            f"{label:<11} {d['submit']['per_s']:>9.0f} {g['achieved_rate']:>9.0f} {g['p50_s'] * 1000:>11.1f} "
-            f"{g['p99_s'] * 1000:>11.1f} {g['errors']:>7}"
+            f"{label:<11} {d['submit']['per_s']:>9.0f} {g['achieved_rate']:>9.0f} {g['p50_s'] * 1000:>7.1f} "
+            f"{g['p99_s'] * 1000:>7.1f} {g['errors']:>7}"
         )
     (args.out / "control_plane.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nsaved {args.out / 'control_plane.json'}")
