@@ -313,12 +313,9 @@ def export_model_repository(src: Path, out: Path, options: ExportOptions) -> Exp
         files: dict[str, str] = {}
         timings: dict[str, float] = {}
         if not options.configs_only:
-            import torch
-
             from sfumato.export.networks import check_parity, export_onnx
             from sfumato.export.source import load_modules
 
-            torch.set_grad_enabled(False)
             _log(f"loading {info.path}")
             modules = load_modules(info)
             t0 = time.perf_counter()

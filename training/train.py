@@ -214,10 +214,16 @@ def train_demo_model(out_dir: Path, *, plan: TrainingPlan | None = None, progres
     so an interrupted run never leaves a half-written model. Returns the training report, which
     is also saved as ``training_report.json`` in the folder (the loss log as ``training_log.csv``).
     """
+
+    plan = plan or TrainingPlan()
+    with torch.enable_grad():  # whatever grad mode the caller left on
+        return _train(out_dir, plan=plan, progress=progress)
+
+
+def _train(out_dir: Path, *, plan: TrainingPlan, progress: bool) -> dict:
     from diffusers import DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
-    plan = plan or TrainingPlan()
     torch.manual_seed(plan.seed)
     torch.set_num_threads(plan.threads)
     out_dir = Path(out_dir)
