@@ -168,12 +168,15 @@ async def list_generations(
     page = await jobs.list_jobs(
         session=session, principal=principal, limit=limit, cursor=cursor, status=status
     )
+    await session.commit()  # end the read transaction now, not after the response is sent
     return GenerationPage(items=[to_out(j) for j in page.items], next_cursor=page.next_cursor)
 
 
 @router.get("/{job_id}", response_model=GenerationOut, summary="Read a generation", responses=NOT_FOUND)
 async def get_generation(job_id: JobId, principal: CurrentPrincipal, session: SessionDep) -> GenerationOut:
-    return to_out(await jobs.get_job(session=session, principal=principal, job_id=job_id))
+    job = await jobs.get_job(session=session, principal=principal, job_id=job_id)
+    await session.commit()  # end the read transaction now (SQLite: free the writer lock)
+    return to_out(job)
 
 
 @router.post(
@@ -218,6 +221,7 @@ async def get_image(
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
     job = await jobs.get_job(session=session, principal=principal, job_id=job_id)
+    await session.commit()  # end the read transaction before reading the file
     image = next((img for img in job.images if img.index == index), None)
     if image is None:
         raise NotFoundError(f"generation {job_id} has no image {index}")
