@@ -13,20 +13,7 @@ from typing import Any
 import numpy as np
 
 from sfumato.errors import SfumatoError
-
-MODEL = "pipeline"
-_SCALARS: dict[str, tuple[str, Any]] = {
-    "prompt": ("BYTES", np.object_),
-    "negative_prompt": ("BYTES", np.object_),
-    "num_images": ("INT32", np.int32),
-    "steps": ("INT32", np.int32),
-    "guidance_scale": ("FP32", np.float32),
-    "seed": ("INT64", np.int64),
-    "width": ("INT32", np.int32),
-    "height": ("INT32", np.int32),
-    "scheduler": ("BYTES", np.object_),
-    "strength": ("FP32", np.float32),
-}
+from sfumato.serving.contract import ARRAY_INPUTS, MODEL, SCALAR_INPUTS
 
 
 class TritonCallError(SfumatoError):
@@ -49,21 +36,26 @@ def pipeline_inputs(
     module: Any, *, image: np.ndarray | None = None, mask: np.ndarray | None = None, **fields: Any
 ) -> list:
     """``InferInput`` objects of ``module`` (``tritonclient.grpc`` or ``.grpc.aio``) for the fields given."""
+    from tritonclient.utils import triton_to_np_dtype
+
     inputs = []
     for name, value in fields.items():
         if value is None:
             continue
-        if name not in _SCALARS:
+        if name not in SCALAR_INPUTS:
             raise TypeError(f"unknown pipeline input {name!r}")
-        triton_type, dtype = _SCALARS[name]
-        array = np.array([value.encode("utf-8") if isinstance(value, str) else value], dtype=dtype)
-        tensor = module.InferInput(name, [1], triton_type)
+        datatype = SCALAR_INPUTS[name]
+        array = np.array(
+            [value.encode("utf-8") if isinstance(value, str) else value], dtype=triton_to_np_dtype(datatype)
+        )
+        tensor = module.InferInput(name, [1], datatype)
         tensor.set_data_from_numpy(array)
         inputs.append(tensor)
     for name, array in (("image", image), ("mask", mask)):
         if array is not None:
-            array = np.ascontiguousarray(array, dtype=np.uint8)
-            tensor = module.InferInput(name, list(array.shape), "UINT8")
+            datatype = ARRAY_INPUTS[name][0]
+            array = np.ascontiguousarray(array, dtype=triton_to_np_dtype(datatype))
+            tensor = module.InferInput(name, list(array.shape), datatype)
             tensor.set_data_from_numpy(array)
             inputs.append(tensor)
     return inputs

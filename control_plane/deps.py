@@ -9,15 +9,10 @@ from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from sfumato.control_plane.services import Services
-from sfumato.control_plane.settings import Settings
 
 
 def get_services(request: Request) -> Services:
     return request.app.state.services
-
-
-def get_settings_dep(services: Annotated[Services, Depends(get_services)]) -> Settings:
-    return services.settings
 
 
 async def get_session(services: Annotated[Services, Depends(get_services)]) -> AsyncIterator[AsyncSession]:

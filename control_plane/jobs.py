@@ -398,9 +398,3 @@ async def release_job(*, session: AsyncSession, job_id: str, worker_id: str) -> 
     job.lease_expires_at = None
     await session.commit()
     return True
-
-
-async def purge_expired_idempotency(*, session: AsyncSession) -> int:
-    result = await session.execute(delete(IdempotencyRecord).where(IdempotencyRecord.expires_at <= utcnow()))
-    await session.commit()
-    return int(result.rowcount or 0)

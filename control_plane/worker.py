@@ -27,6 +27,7 @@ from sfumato.clients.png import encode_png
 from sfumato.clients.triton_grpc import pipeline_inputs
 from sfumato.control_plane import jobs
 from sfumato.control_plane.services import Services
+from sfumato.serving.contract import OPTIONS
 
 log = logging.getLogger("sfumato.worker")
 
@@ -37,17 +38,6 @@ TRANSIENT = {
     "StatusCode.DEADLINE_EXCEEDED",
     "StatusCode.RESOURCE_EXHAUSTED",
 }
-PIPELINE_FIELDS = (
-    "negative_prompt",
-    "num_images",
-    "steps",
-    "guidance_scale",
-    "seed",
-    "width",
-    "height",
-    "scheduler",
-    "strength",
-)
 
 
 WORKER_ID_LENGTH = 64  # the ``jobs.lease_owner`` column
@@ -132,7 +122,7 @@ class Worker:
                     await jobs.release_job(session=session, job_id=job_id, worker_id=self.id)
                 log.info("released job %s on shutdown", job_id)
                 return
-            await self._record(job_id, call, heartbeat, attempts=attempts)
+            await self._record(job_id, params, call, heartbeat, attempts=attempts)
         finally:
             for task in (heartbeat, stopping):
                 task.cancel()
@@ -159,7 +149,7 @@ class Worker:
         import tritonclient.grpc.aio as aio
         from tritonclient.utils import InferenceServerException
 
-        fields = {k: params[k] for k in PIPELINE_FIELDS if k in params}
+        fields = {k: params[k] for k in OPTIONS if k in params}
         arrays: dict[str, np.ndarray] = {}
         for name, mode in (("image", "RGB"), ("mask", "L")):
             key = params.get(f"{name}_key")
@@ -186,8 +176,22 @@ class Worker:
         version = str(result.get_response().model_version)
         return result.as_numpy("images"), result.as_numpy("seeds"), elapsed, version
 
+    async def _finish(self, job_id: str, *, status: str, error: str) -> None:
+        """Record ``failed`` or ``canceled`` (while holding the lease) and count it."""
+        async with self.services.sessions() as session:
+            await jobs.finish_job(
+                session=session, job_id=job_id, worker_id=self.id, status=status, error=error
+            )
+        self.services.metrics.jobs_finished.labels(status=status).inc()
+
     async def _record(
-        self, job_id: str, call: asyncio.Task, heartbeat: asyncio.Task, *, attempts: int
+        self,
+        job_id: str,
+        params: dict[str, Any],
+        call: asyncio.Task,
+        heartbeat: asyncio.Task,
+        *,
+        attempts: int,
     ) -> None:
         sessions = self.services.sessions
         try:
@@ -195,21 +199,13 @@ class Worker:
         except asyncio.CancelledError:
             verdict = heartbeat.result() if heartbeat.done() else None
             if verdict == "cancel":
-                async with sessions() as session:
-                    await jobs.finish_job(
-                        session=session,
-                        job_id=job_id,
-                        worker_id=self.id,
-                        status="canceled",
-                        error="canceled while running",
-                    )
-                self.services.metrics.jobs_finished.labels(status="canceled").inc()
+                await self._finish(job_id, status="canceled", error="canceled while running")
             log.info("job %s stopped: %s", job_id, verdict or "cancelled")
             return
         except TritonFailure as failure:
-            async with sessions() as session:
-                if failure.transient and attempts < self.settings.max_attempts:
-                    delay = self.settings.retry_backoff_s * 2 ** (attempts - 1)
+            if failure.transient and attempts < self.settings.max_attempts:
+                delay = self.settings.retry_backoff_s * 2 ** (attempts - 1)
+                async with sessions() as session:
                     await jobs.retry_later(
                         session=session,
                         job_id=job_id,
@@ -217,34 +213,20 @@ class Worker:
                         delay_s=delay,
                         error=f"attempt {attempts}: {failure}",
                     )
-                    log.warning(
-                        "job %s: transient Triton error (%s); retry in %.1f s", job_id, failure.code, delay
-                    )
-                    return
-                await jobs.finish_job(
-                    session=session, job_id=job_id, worker_id=self.id, status="failed", error=str(failure)
+                log.warning(
+                    "job %s: transient Triton error (%s); retry in %.1f s", job_id, failure.code, delay
                 )
-            self.services.metrics.jobs_finished.labels(status="failed").inc()
+                return
+            await self._finish(job_id, status="failed", error=str(failure))
             return
         except Exception as exc:  # a bug: log it, fail the job with the reason, keep the worker alive
             log.exception("job %s failed unexpectedly", job_id)
-            async with sessions() as session:
-                await jobs.finish_job(
-                    session=session,
-                    job_id=job_id,
-                    worker_id=self.id,
-                    status="failed",
-                    error=f"internal: {exc!r}",
-                )
-            self.services.metrics.jobs_finished.labels(status="failed").inc()
+            await self._finish(job_id, status="failed", error=f"internal: {exc!r}")
             return
-        async with sessions() as session:
-            job = await session.get(jobs.Job, job_id)
-            params = dict(job.params) if job is not None else {}
         rows = []
         for index, (image, seed) in enumerate(zip(images, seeds, strict=True)):
-            text = {"prompt": params.get("prompt", ""), "seed": str(int(seed))}
-            text.update({k: str(params[k]) for k in PIPELINE_FIELDS if k in params and k != "seed"})
+            text = {"prompt": params["prompt"], "seed": str(int(seed))}
+            text.update({k: str(params[k]) for k in OPTIONS if k in params and k != "seed"})
             png = encode_png(image, text=text)
             key = f"generations/{job_id}/{index}.png"
             await self.services.store.put(key, png)

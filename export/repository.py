@@ -31,12 +31,6 @@ PRECISIONS: tuple[str, ...] = ("fp32", "fp16")
 FP32_TOLERANCE = 1e-4  # max abs error relative to the output's max abs value
 MANIFEST = "export_manifest.json"
 MODELS = (*NETWORKS, "pipeline")
-_SCHEDULER_NAMES = {
-    "DDIMScheduler": "ddim",
-    "EulerDiscreteScheduler": "euler",
-    "EulerAncestralDiscreteScheduler": "euler_a",
-    "DPMSolverMultistepScheduler": "dpmpp_2m",
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,29 +209,25 @@ def serving_range(sizes: list[tuple[int, int]], info: SourceInfo, *, explicit: b
 
 def pipeline_config(options: ExportOptions) -> tc.ModelConfig:
     """The ``pipeline`` model: per-request inputs (no batch axis); its instances run concurrently."""
-    scalar = {
-        "prompt": "TYPE_STRING",
-        "negative_prompt": "TYPE_STRING",
-        "num_images": "TYPE_INT32",
-        "steps": "TYPE_INT32",
-        "guidance_scale": "TYPE_FP32",
-        "seed": "TYPE_INT64",
-        "width": "TYPE_INT32",
-        "height": "TYPE_INT32",
-        "scheduler": "TYPE_STRING",
-        "strength": "TYPE_FP32",
-    }
-    inputs = [tc.Tensor(name, dtype, (1,), optional=name != "prompt") for name, dtype in scalar.items()]
-    inputs += [
-        tc.Tensor("image", "TYPE_UINT8", (-1, -1, 3), optional=True),
-        tc.Tensor("mask", "TYPE_UINT8", (-1, -1), optional=True),
+    from sfumato.serving import contract
+
+    inputs = [
+        tc.Tensor(name, contract.config_type(dt), (1,), optional=name != "prompt")
+        for name, dt in contract.SCALAR_INPUTS.items()
     ]
+    inputs += [
+        tc.Tensor(name, contract.config_type(dt), dims, optional=True)
+        for name, (dt, dims) in contract.ARRAY_INPUTS.items()
+    ]
+    outputs = tuple(
+        tc.Tensor(name, contract.config_type(dt), dims) for name, (dt, dims) in contract.OUTPUTS.items()
+    )
     return tc.ModelConfig(
-        name="pipeline",
+        name=contract.MODEL,
         backend="python",
         max_batch_size=0,
         inputs=tuple(inputs),
-        outputs=(tc.Tensor("images", "TYPE_UINT8", (-1, -1, -1, 3)), tc.Tensor("seeds", "TYPE_INT64", (-1,))),
+        outputs=outputs,
         instance_groups=(tc.InstanceGroup("KIND_CPU", options.pipeline_instances),),
         parameters={"sfumato_version": __version__, "network_timeout_ms": "120000"},
     )
@@ -255,7 +245,7 @@ def write_pipeline_model(
     target: Path, *, info: SourceInfo, options: ExportOptions, sizes: list[tuple[int, int]]
 ) -> None:
     """``pipeline/``: config, the model.py shim, the tokenizer and ``pipeline.json``."""
-    from sfumato.serving.schedulers import SCHEDULERS
+    from sfumato.serving.schedulers import SCHEDULERS, scheduler_for
     from sfumato.serving.tokenizer import write_serving_tokenizer
 
     assets = target / "1" / "assets"
@@ -266,8 +256,10 @@ def write_pipeline_model(
             f"{info.path}: the tokenizer pads to {length} tokens "
             f"but the text encoder takes {info.text_length}"
         )
-    scheduler = options.default_scheduler or _SCHEDULER_NAMES.get(
-        str(info.scheduler_config.get("_class_name")), "dpmpp_2m"
+    scheduler = (
+        options.default_scheduler
+        or scheduler_for(str(info.scheduler_config.get("_class_name")))
+        or "dpmpp_2m"
     )
     if scheduler not in SCHEDULERS:
         raise UsageError(f"--default-scheduler {scheduler!r}: choose one of {', '.join(SCHEDULERS)}")

@@ -23,7 +23,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from sfumato.errors import MissingDependencyError, SfumatoError, UsageError
@@ -132,7 +132,6 @@ class TritonServer:
     metrics_port: int = 8002
     exit_timeout_secs: int = 30
     models: list[str] | None = None  # None: every model in the repository
-    extra_args: list[str] = field(default_factory=list)
     process: subprocess.Popen | None = None
     log_path: Path | None = None
 
@@ -158,7 +157,6 @@ class TritonServer:
             f"--exit-timeout-secs={self.exit_timeout_secs}",
             "--strict-readiness=true",
             "--log-verbose=0",
-            *self.extra_args,
         ]
         return args
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -75,8 +76,6 @@ async def readyz(services: ServicesDep) -> Response:
     problem = await _triton_ready(services.settings.triton_url, services.settings.model_name)
     checks["triton"] = problem or "ok"
     ready = all(v == "ok" for v in checks.values())
-    import json
-
     body = json.dumps({"status": "ok" if ready else "unavailable", "checks": checks})
     return Response(body, status_code=200 if ready else 503, media_type="application/json")
 

@@ -1,6 +1,6 @@
 """Everything between a prompt and pixels: tokenization, guidance, the scheduler loop,
-img2img and inpainting, on numpy. The networks are plugged in: Triton BLS calls inside the
-``pipeline`` model, or ONNX Runtime sessions in-process (benchmarks, tests).
+img2img and inpainting, on numpy. The networks are plugged in (``Networks``); inside
+Triton they are BLS calls to the four network models.
 
 This follows diffusers' ``StableDiffusionPipeline`` / ``StableDiffusionImg2ImgPipeline``
 step for step, so given the same initial latents the images match (a test checks).

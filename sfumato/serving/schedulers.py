@@ -633,6 +633,11 @@ _CLASSES: dict[str, type[Scheduler]] = {
 }
 
 
+def scheduler_for(diffusers_class: str) -> str | None:
+    """Our name for a diffusers scheduler class (``"DDIMScheduler"`` -> ``"ddim"``), if we have it."""
+    return next((name for name, cls in _CLASSES.items() if diffusers_class == cls.DIFFUSERS_CLASS), None)
+
+
 def make_scheduler(name: str, config: Mapping[str, Any]) -> Scheduler:
     """A fresh scheduler ``name`` (one of ``SCHEDULERS``) for a diffusers scheduler ``config``."""
     try:

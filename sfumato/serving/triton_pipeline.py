@@ -22,22 +22,9 @@ from typing import Any
 
 import numpy as np
 
+from sfumato.serving import contract
 from sfumato.serving.pipeline import Cancelled, DiffusionPipeline
 from sfumato.serving.request import InvalidRequest, build_request
-
-INPUTS_SCALAR = {
-    "prompt": str,
-    "negative_prompt": str,
-    "num_images": int,
-    "steps": int,
-    "guidance_scale": float,
-    "seed": int,
-    "width": int,
-    "height": int,
-    "scheduler": str,
-    "strength": float,
-}
-INPUTS_ARRAY = ("image", "mask")
 
 
 class NetworkError(RuntimeError):
@@ -117,11 +104,11 @@ class TritonPythonModel:
 
     def _parse(self, request: Any):
         fields: dict[str, Any] = {}
-        for name, kind in INPUTS_SCALAR.items():
+        for name, datatype in contract.SCALAR_INPUTS.items():
             tensor = self.pb.get_input_tensor_by_name(request, name)
             if tensor is not None:
-                fields[name] = _scalar(tensor.as_numpy(), kind, name)
-        for name in INPUTS_ARRAY:
+                fields[name] = _scalar(tensor.as_numpy(), contract.python_type(datatype), name)
+        for name in contract.ARRAY_INPUTS:
             tensor = self.pb.get_input_tensor_by_name(request, name)
             if tensor is not None:
                 fields[name] = tensor.as_numpy()
