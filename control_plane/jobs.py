@@ -23,13 +23,21 @@ from typing import Any
 import numpy as np
 from PIL import Image as PILImage
 from PIL import UnidentifiedImageError
-from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy import and_, delete, func, or_, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from sfumato.clients.png import encode_png
 from sfumato.control_plane.auth import Principal
-from sfumato.control_plane.models import FINAL_STATUSES, IdempotencyRecord, Image, Job, new_id, utcnow
+from sfumato.control_plane.models import (
+    FINAL_STATUSES,
+    IdempotencyRecord,
+    Image,
+    Job,
+    User,
+    new_id,
+    utcnow,
+)
 from sfumato.control_plane.schemas import GenerationCreate
 from sfumato.control_plane.settings import Settings
 from sfumato.control_plane.storage import ImageStore
@@ -110,6 +118,10 @@ async def create_job(
         existing = await _idempotent_job(session, principal=principal, key=idempotency_key, digest=digest)
         if existing is not None:
             return existing, False
+    # Count and insert under a lock on the owner's row, so that concurrent submissions cannot
+    # both see "limit - 1" and overshoot the cap (PostgreSQL: a row lock held until commit;
+    # SQLite: FOR UPDATE renders nothing, and BEGIN IMMEDIATE already serialises writers).
+    await session.execute(select(User.id).where(User.id == principal.user_id).with_for_update())
     active = await session.scalar(
         select(func.count()).select_from(Job).where(Job.owner_id == principal.user_id, Job.status.in_(ACTIVE))
     )
@@ -184,6 +196,33 @@ async def create_job(
             raise
         return existing, False
     return job, True
+
+
+async def purge_expired_idempotency(
+    *, session: AsyncSession, now: datetime | None = None, batch: int = 1000
+) -> int:
+    """Delete Idempotency-Key records past their TTL, ``batch`` rows per transaction; the count.
+
+    A key is also dropped lazily when it is reused after expiry; this sweep (run by the workers'
+    maintenance task) keeps keys that are never reused from piling up.
+    """
+    cutoff = now or utcnow()
+    total = 0
+    while True:
+        doomed = (
+            select(IdempotencyRecord.principal, IdempotencyRecord.key)
+            .where(IdempotencyRecord.expires_at <= cutoff)
+            .limit(batch)
+        )
+        result = await session.execute(
+            delete(IdempotencyRecord)
+            .where(tuple_(IdempotencyRecord.principal, IdempotencyRecord.key).in_(doomed))
+            .execution_options(synchronize_session=False)
+        )
+        await session.commit()
+        total += result.rowcount or 0
+        if (result.rowcount or 0) < batch:
+            return total
 
 
 # --------------------------------------------------------------------------- reads

@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=8 * 2**20, gt=0)
     max_image_bytes: int = Field(default=4 * 2**20, gt=0, description="decoded size of one input image")
     idempotency_ttl_s: int = Field(default=24 * 3600, gt=0)
+    maintenance_interval_s: float = Field(
+        default=600.0, gt=0, description="workers' sweep of expired idempotency keys"
+    )
     max_wait_s: int = Field(default=60, ge=0, description="largest N in `Prefer: wait=N`")
 
     image_dir: Path | None = Field(default=None, description="local image store; default data_dir/images")

@@ -5,7 +5,8 @@ in-process and ``sfumato worker`` runs them alone, to scale out. While a job run
 extends its lease and watches for cancellation (it then cancels the gRPC call, which Triton
 passes on to the pipeline model). Transient Triton errors (unavailable, deadline exceeded) are
 retried with exponential backoff up to ``SFUMATO_MAX_ATTEMPTS``; invalid arguments fail at once.
-On shutdown a worker stops claiming and hands its unfinished job back.
+On shutdown a worker stops claiming and hands its unfinished job back. Beside the workers,
+:func:`run_maintenance` sweeps expired Idempotency-Key records.
 """
 
 from __future__ import annotations
@@ -266,6 +267,24 @@ class Worker:
         )
 
 
+async def run_maintenance(services: Services, *, stop: asyncio.Event) -> None:
+    """Housekeeping beside the workers, every ``SFUMATO_MAINTENANCE_INTERVAL_S``: expired
+    Idempotency-Key records are deleted. Safe in every worker process at once (the deletes are
+    idempotent and batched); a failed round is logged and tried again next interval."""
+    interval = services.settings.maintenance_interval_s
+    while not stop.is_set():
+        try:
+            async with services.sessions() as session:
+                purged = await jobs.purge_expired_idempotency(session=session)
+            if purged:
+                log.info("maintenance: deleted %d expired idempotency keys", purged)
+        except Exception:
+            log.exception("maintenance round failed; retrying in %.0f s", interval)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval)
+
+
 async def run_workers(services: Services, *, count: int, stop: asyncio.Event) -> None:
+    """``count`` workers and the maintenance task, until ``stop`` is set."""
     workers = [Worker(services, name=worker_id(i)) for i in range(count)]
-    await asyncio.gather(*(w.run(stop) for w in workers))
+    await asyncio.gather(run_maintenance(services, stop=stop), *(w.run(stop) for w in workers))

@@ -237,6 +237,17 @@ async def test_unfinished_jobs_per_user_are_capped_with_429(api_factory) -> None
     assert await count_jobs(api) == 4
 
 
+async def test_concurrent_submissions_never_overshoot_the_queue_cap(api_factory) -> None:
+    # Twelve submissions at once against a cap of 3: without the lock on the owner's row,
+    # PostgreSQL lets several of them count "2 unfinished" and insert (READ COMMITTED).
+    api = await api_factory(max_queued_jobs_per_user=3)
+    alice = await api.user("alice")
+    answers = await asyncio.gather(*(submit(api, alice) for _ in range(12)))
+    codes = sorted(r.status_code for r in answers)
+    assert codes == [202] * 3 + [429] * 9, [r.text for r in answers if r.status_code not in (202, 429)]
+    assert await count_jobs(api) == 3
+
+
 async def test_rate_limits_answer_429_with_retry_after(api_factory) -> None:
     api = await api_factory(submit_rate_limit="3/minute", rate_limit="8/minute")
     alice, bob = await api.user("alice"), await api.user("bob")
@@ -521,3 +532,27 @@ async def test_an_expired_idempotency_key_makes_a_new_job(api_factory) -> None:
     async with api.app.state.services.sessions() as session:
         records = (await session.scalars(select(IdempotencyRecord))).all()
     assert [(r.key, r.job_id) for r in records] == [("k", second.json()["id"])]
+
+
+async def test_expired_idempotency_keys_are_purged_in_batches(api_factory) -> None:
+    api = await api_factory(idempotency_ttl_s=3600)
+    alice, bob = await api.user("alice"), await api.user("bob")
+    for i in range(5):
+        assert (await submit(api, alice, **{"Idempotency-Key": f"old-{i}"})).status_code == 202
+    assert (await submit(api, bob, **{"Idempotency-Key": "fresh"})).status_code == 202
+    async with api.app.state.services.sessions() as session:
+        # Age alice's keys past their TTL; bob's stays valid.
+        records = (await session.scalars(select(IdempotencyRecord))).all()
+        for record in records:
+            if record.key.startswith("old-"):
+                record.expires_at = record.created_at
+        await session.commit()
+        assert await jobs.purge_expired_idempotency(session=session, batch=2) == 5
+        left = (await session.scalars(select(IdempotencyRecord))).all()
+        assert [(r.principal, r.key) for r in left] == [(bob["id"], "fresh")]
+        assert await jobs.purge_expired_idempotency(session=session) == 0
+    # The jobs themselves stay; only the keys went. A reused old key makes a new job.
+    assert await count_jobs(api) == 6
+    r = await submit(api, alice, **{"Idempotency-Key": "old-0"})
+    assert r.status_code == 202 and "idempotent-replayed" not in r.headers
+    assert await count_jobs(api) == 7

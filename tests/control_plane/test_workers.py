@@ -8,7 +8,7 @@ import socket
 import time
 
 from sfumato.control_plane.app import create_app
-from sfumato.control_plane.models import Job
+from sfumato.control_plane.models import IdempotencyRecord, Job
 from sfumato.control_plane.worker import WORKER_ID_LENGTH, worker_id
 
 from .conftest import make_settings
@@ -184,3 +184,28 @@ async def test_a_job_deleted_while_running_leaves_no_files(api_factory, triton) 
             break
     assert api.app.state.services.metrics.workers_busy._value.get() == 0  # type: ignore[attr-defined]
     assert not store.exists() or not any(store.iterdir()), sorted(p.name for p in store.iterdir())
+
+
+async def test_workers_maintenance_sweeps_expired_idempotency_keys(api_factory) -> None:
+    # Workers run the sweep every SFUMATO_MAINTENANCE_INTERVAL_S, whether or not Triton is up.
+    api = await api_factory(
+        workers=1, triton_url=f"127.0.0.1:{_closed_port()}", idempotency_ttl_s=1, maintenance_interval_s=0.2
+    )
+    alice = await api.user("alice")
+    r = await api.client.post(
+        "/v1/generations",
+        json={"prompt": PROMPT},
+        headers=api.headers(alice, **{"Idempotency-Key": "sweep-me"}),
+    )
+    assert r.status_code == 202
+    async with api.app.state.services.sessions() as session:
+        assert await session.get(IdempotencyRecord, (alice["id"], "sweep-me")) is not None
+    deadline = time.monotonic() + 10
+    while True:
+        async with api.app.state.services.sessions() as session:
+            if await session.get(IdempotencyRecord, (alice["id"], "sweep-me")) is None:
+                break
+        assert time.monotonic() < deadline, "the expired key was not swept within 10 s"
+        await asyncio.sleep(0.1)
+    async with api.app.state.services.sessions() as session:
+        assert await session.get(Job, r.json()["id"]) is not None  # the job itself stays
