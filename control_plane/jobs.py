@@ -119,9 +119,11 @@ async def create_job(
         if existing is not None:
             return existing, False
     # Count and insert under a lock on the owner's row, so that concurrent submissions cannot
-    # both see "limit - 1" and overshoot the cap (PostgreSQL: a row lock held until commit;
-    # SQLite: FOR UPDATE renders nothing, and BEGIN IMMEDIATE already serialises writers).
-    await session.execute(select(User.id).where(User.id == principal.user_id).with_for_update())
+    # both see "limit - 1" and overshoot the cap. PostgreSQL: a row lock held until commit (the
+    # count is a second statement, so that it reads after the lock is granted). SQLite needs
+    # none: BEGIN IMMEDIATE already serialises writing transactions.
+    if session.bind is not None and session.bind.dialect.name == "postgresql":
+        await session.execute(select(User.id).where(User.id == principal.user_id).with_for_update())
     active = await session.scalar(
         select(func.count()).select_from(Job).where(Job.owner_id == principal.user_id, Job.status.in_(ACTIVE))
     )
