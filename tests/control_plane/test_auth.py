@@ -22,17 +22,11 @@ from pydantic import ValidationError
 
 from sfumato.control_plane.settings import DEVELOPMENT_SECRET, Settings
 
+from .problems import assert_problem
+
 PROMPT = "a red circle on a white background"
 KEY_PATTERN = re.compile(r"^sfm_[a-z0-9]{12}_[A-Za-z0-9_-]{43}$")
 SECRET = "a-production-secret-key-0123456789-abcdefghijklmnop"
-
-
-def assert_problem(response: Any, status: int) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/problem+json"), response.headers
-    body = response.json()
-    assert body["status"] == status and body["title"], body
-    return body
 
 
 def assert_unauthorized(response: Any) -> dict[str, Any]:

@@ -23,6 +23,8 @@ from sfumato.control_plane import jobs
 from sfumato.control_plane.models import IdempotencyRecord, Job
 from sfumato.serving.request import MAX_SEED
 
+from .problems import assert_problem
+
 PROMPT = "a red circle on a white background"
 
 
@@ -35,17 +37,6 @@ def encoded(array: np.ndarray, *, fmt: str = "PNG") -> str:
 
 def picture(height: int, width: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
-
-
-def assert_problem(response: Any, status: int, field: str | None = None) -> dict[str, Any]:
-    """An RFC 9457 problem of ``status``; with ``field``, its ``errors`` name that field."""
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/problem+json"), response.headers
-    body = response.json()
-    assert body["status"] == status and body["title"] and body["type"] == "about:blank", body
-    if field is not None:
-        assert field in [e["field"] for e in body["errors"]], body
-    return body
 
 
 async def count_jobs(api: Any) -> int:

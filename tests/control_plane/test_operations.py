@@ -13,6 +13,8 @@ from pydantic import BaseModel
 
 from sfumato.control_plane import schemas
 
+from .problems import assert_problem
+
 PROMPT = "a red circle on a white background"
 JSON_TYPES = ("application/json", "application/problem+json")
 
@@ -24,14 +26,6 @@ def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
         for family in text_string_to_metric_families(text)
         for s in family.samples
     }
-
-
-def assert_problem(response: Any, status: int) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/problem+json"), response.headers
-    body = response.json()
-    assert body["status"] == status and body["title"], body
-    return body
 
 
 async def test_liveness_and_readiness_without_triton(api) -> None:
