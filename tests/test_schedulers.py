@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import diffusers
@@ -32,25 +34,9 @@ SHAPE = (2, 4, 32, 32)
 ATOL = {"ddim": 1e-5, "euler": 1e-5, "euler_a": 3e-5, "dpmpp_2m": 1e-5}  # numpy-math
 SIGMA_RTOL = 2.5e-7  # init_noise_sigma with numpy-math: within two float32 ulps
 
-# What the demo model ships (a Stable Diffusion 1.x DDIM config).
-SD1: dict[str, Any] = {
-    "_class_name": "DDIMScheduler",
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "clip_sample": False,
-    "set_alpha_to_one": False,
-    "steps_offset": 1,
-    "prediction_type": "epsilon",
-    "timestep_spacing": "leading",
-    "trained_betas": None,
-    "rescale_betas_zero_snr": False,
-    "thresholding": False,
-    "sample_max_value": 1.0,
-    "dynamic_thresholding_ratio": 0.995,
-    "clip_sample_range": 1.0,
-}
+# What the demo model ships (a Stable Diffusion 1.x DDIM config), as diffusers saved it.
+SHIPPED = Path(__file__).resolve().parent.parent / "models" / "sfumato-shapes" / "scheduler"
+SD1: dict[str, Any] = json.loads((SHIPPED / "scheduler_config.json").read_text())
 CONFIGS: dict[str, dict[str, Any]] = {
     "sd1": SD1,
     "sd2-trailing": {**SD1, "prediction_type": "v_prediction", "timestep_spacing": "trailing"},
