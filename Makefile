@@ -36,9 +36,9 @@ model: $(MODEL_STAMP)
 $(MODEL_STAMP): $(STAMP) $(MODEL_INPUTS)
 	$(SFUMATO) export $(DEMO) --out $(REPO) --target cpu --default-guidance 5
 
-# Embedded defaults: SQLite under var/, the development signing key (refused outside development).
+# Embedded defaults: SQLite and the installation's generated secrets under var/.
 run: model
-	SFUMATO_ENV=$${SFUMATO_ENV:-development} $(SFUMATO) up --model-repository $(REPO)
+	$(SFUMATO) up --model-repository $(REPO)
 
 test: $(STAMP)
 	$(PY) -m pytest

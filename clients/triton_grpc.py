@@ -17,13 +17,106 @@ from sfumato.serving.contract import ARRAY_INPUTS, MODEL, SCALAR_INPUTS
 
 
 class TritonCallError(SfumatoError):
-    """Triton answered the call with an error (its message names the problem)."""
+    """Triton answered a call with an error (its message names the problem).
+
+    :func:`triton_error` is the one mapping from a gRPC status to these classes, shared by the
+    command line, the control plane's Triton gateway and its workers. ``transient`` says whether
+    the same call may succeed later unchanged; ``http_status`` is what the REST API answers.
+    """
+
+    http_status = 502
+    title = "Triton error"
+    transient = False
+
+    def __init__(self, message: str, *, code: str = "UNKNOWN") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class InvalidArgumentError(TritonCallError):
     """Triton rejected a field of the request; the message names it."""
 
     exit_code = 2
+    http_status = 422
+    title = "Invalid request"
+
+
+class TritonUnavailableError(TritonCallError):
+    """Triton is down, restarting, unreachable, or the model is not loaded (yet)."""
+
+    http_status = 503
+    title = "Service unavailable"
+    transient = True
+
+
+class TritonOverloadedError(TritonCallError):
+    """Triton's queue for the model is full (its queue policy rejected the request)."""
+
+    http_status = 503
+    title = "Service unavailable"
+    transient = True
+
+
+class TritonDeadlineError(TritonCallError):
+    """The call's deadline passed before Triton answered."""
+
+    http_status = 504
+    title = "Gateway timeout"
+    transient = True
+
+
+class TritonCancelledError(TritonCallError):
+    """The call was cancelled (by the caller, or by Triton on shutdown)."""
+
+    http_status = 499
+    title = "Cancelled"
+
+
+class TritonAccessError(TritonCallError):
+    """The caller may not make this call: a bad API key at the gRPC edge, a restricted protocol
+    without its header, or a model the edge does not pass."""
+
+    exit_code = 2
+    http_status = 403
+    title = "Forbidden"
+
+
+_BY_CODE: dict[str, type[TritonCallError]] = {
+    "INVALID_ARGUMENT": InvalidArgumentError,
+    "OUT_OF_RANGE": InvalidArgumentError,
+    "FAILED_PRECONDITION": InvalidArgumentError,
+    "UNAVAILABLE": TritonUnavailableError,
+    "RESOURCE_EXHAUSTED": TritonOverloadedError,
+    "DEADLINE_EXCEEDED": TritonDeadlineError,
+    "CANCELLED": TritonCancelledError,
+    "UNAUTHENTICATED": TritonAccessError,
+    "PERMISSION_DENIED": TritonAccessError,
+}
+
+
+def status_name(exc: Exception) -> str:
+    """``"UNAVAILABLE"``, ``"INVALID_ARGUMENT"``, ... of a tritonclient or grpc error."""
+    status = exc.status() if callable(getattr(exc, "status", None)) else getattr(exc, "code", None)
+    if callable(status):
+        status = status()
+    return str(status or "UNKNOWN").removeprefix("StatusCode.")
+
+
+def triton_error(exc: Exception, *, url: str | None = None) -> TritonCallError:
+    """The :class:`TritonCallError` for a failed call (``InferenceServerException`` or
+    ``grpc.RpcError``): the one gRPC-status mapping of the project."""
+    code = status_name(exc)
+    message = exc.message() if callable(getattr(exc, "message", None)) else None
+    if message is None and callable(getattr(exc, "details", None)):
+        message = exc.details()
+    message = message or str(exc)
+    # A model that is not loaded answers UNAVAILABLE over gRPC on some paths and NOT_FOUND-like
+    # text on others; both mean "not now", not "never".
+    kind = _BY_CODE.get(code, TritonCallError)
+    if code in {"NOT_FOUND", "UNKNOWN", "INTERNAL"} and "is not ready" in message:
+        kind = TritonUnavailableError
+    prefix = f"Triton at {url}: " if url else ""
+    return kind(f"{prefix}{message}", code=code)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,8 +168,7 @@ def generate(url: str, prompt: str, *, timeout_s: float = 300.0, **options: Any)
             client_timeout=timeout_s,
         )
     except InferenceServerException as exc:
-        kind = InvalidArgumentError if "INVALID_ARGUMENT" in str(exc.status()) else TritonCallError
-        raise kind(f"Triton at {url}: {exc.message()}") from None
+        raise triton_error(exc, url=url) from None
     finally:
         client.close()
     return Generation(images=result.as_numpy("images"), seeds=result.as_numpy("seeds"))

@@ -61,7 +61,7 @@ async def _from_token(token: str, session: AsyncSession, services: Services) -> 
     try:
         claims = decode_token(
             token,
-            key=s.secret_key.get_secret_value(),
+            key=services.signing_key,
             algorithm=s.jwt_algorithm,
             audience=s.jwt_audience,
             issuer=s.jwt_issuer,

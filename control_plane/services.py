@@ -20,6 +20,7 @@ class Services:
     sessions: async_sessionmaker[AsyncSession]
     store: ImageStore
     limiter: RateLimiter
+    signing_key: str  # resolved once at start: the setting, or this installation's generated key
     metrics: Metrics = field(default_factory=Metrics)
 
     @classmethod
@@ -27,6 +28,7 @@ class Services:
         engine = create_engine(settings.resolved_database_url)
         return cls(
             settings=settings,
+            signing_key=settings.signing_key(),
             engine=engine,
             sessions=session_factory(engine),
             store=LocalImageStore(settings.resolved_image_dir),

@@ -1,8 +1,13 @@
 """The control plane's one settings object, read from ``SFUMATO_*`` environment variables.
 
 ``get_settings()`` is the cached dependency every part of the service asks; tests override it
-(``app.dependency_overrides`` or ``create_app(settings=...)``). An unsafe default — the
-development signing key — refuses to start outside ``SFUMATO_ENV=development``.
+(``app.dependency_overrides`` or ``create_app(settings=...)``).
+
+No secret has a default in the source: the JWT signing key and Triton's restricted-protocol key
+are ``SFUMATO_SECRET_KEY`` / ``SFUMATO_TRITON_ADMIN_KEY`` when the operator sets them, else the
+installation's own, generated on first start under ``<data_dir>/secrets`` (mode 0600) and reused.
+The public development key exists for the test suite only and is refused outside
+``SFUMATO_ENV=test``.
 """
 
 from __future__ import annotations
@@ -14,6 +19,9 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from sfumato.secret_files import load_or_create_secret
+
+# Public: for the test suite only (refused outside SFUMATO_ENV=test).
 DEVELOPMENT_SECRET = "sfumato-development-secret-key-do-not-use-in-production"
 
 
@@ -27,7 +35,14 @@ class Settings(BaseSettings):
     )
     triton_url: str = Field(default="127.0.0.1:8001", description="Triton gRPC host:port")
     triton_timeout_s: float = Field(default=120.0, gt=0, description="deadline of one pipeline call")
-    secret_key: SecretStr = SecretStr(DEVELOPMENT_SECRET)
+    secret_key: SecretStr | None = Field(
+        default=None, description="JWT signing key (>= 32 characters); default: generated under data_dir"
+    )
+    triton_admin_key: SecretStr | None = Field(
+        default=None,
+        description="Triton's restricted-protocol header value (model repository, config, ...); "
+        "default: generated under data_dir",
+    )
     jwt_algorithm: Literal["HS256", "HS384", "HS512"] = "HS256"
     jwt_audience: str = "sfumato"
     jwt_issuer: str = "sfumato"
@@ -56,16 +71,42 @@ class Settings(BaseSettings):
     model_name: str = "pipeline"
 
     @model_validator(mode="after")
-    def _refuse_unsafe_defaults(self) -> Settings:
-        if self.env != "development" and self.secret_key.get_secret_value() == DEVELOPMENT_SECRET:
-            raise ValueError(
-                "SFUMATO_SECRET_KEY is the development default; set a secret key "
-                "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(48))'`) "
-                "or SFUMATO_ENV=development"
-            )
-        if len(self.secret_key.get_secret_value()) < 32:
-            raise ValueError("SFUMATO_SECRET_KEY must be at least 32 characters")
+    def _refuse_unsafe_secrets(self) -> Settings:
+        for name, value in (
+            ("SFUMATO_SECRET_KEY", self.secret_key),
+            ("SFUMATO_TRITON_ADMIN_KEY", self.triton_admin_key),
+        ):
+            if value is None:
+                continue
+            if self.env != "test" and value.get_secret_value() == DEVELOPMENT_SECRET:
+                raise ValueError(
+                    f"{name} is the public development key, which only the test suite may use; "
+                    "unset it (a key is then generated for this installation) or set your own"
+                )
+            if len(value.get_secret_value()) < 32:
+                raise ValueError(f"{name} must be at least 32 characters")
         return self
+
+    @property
+    def secrets_dir(self) -> Path:
+        return self.data_dir / "secrets"
+
+    def signing_key(self) -> str:
+        """The JWT signing key: ``SFUMATO_SECRET_KEY``, else this installation's own (generated on
+        first use; the test environment alone falls back to the public development key)."""
+        if self.secret_key is not None:
+            return self.secret_key.get_secret_value()
+        if self.env == "test":
+            return DEVELOPMENT_SECRET
+        return load_or_create_secret(self.secrets_dir / "jwt-signing-key")
+
+    def triton_restricted_key(self) -> str:
+        """The value of the header that Triton's restricted protocols (model repository, model
+        config, shared memory, trace, logging) demand: ``SFUMATO_TRITON_ADMIN_KEY``, else this
+        installation's own, generated on first use."""
+        if self.triton_admin_key is not None:
+            return self.triton_admin_key.get_secret_value()
+        return load_or_create_secret(self.secrets_dir / "triton-admin-key")
 
     @property
     def resolved_database_url(self) -> str:

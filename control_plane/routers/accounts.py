@@ -60,7 +60,7 @@ async def token(body: TokenRequest, session: SessionDep, services: ServicesDep) 
     access, _ = issue_token(
         subject=user.id,
         role=user.role,
-        key=s.secret_key.get_secret_value(),
+        key=services.signing_key,
         algorithm=s.jwt_algorithm,
         audience=s.jwt_audience,
         issuer=s.jwt_issuer,

@@ -21,6 +21,7 @@ import pytest
 from pydantic import ValidationError
 
 from sfumato.control_plane.settings import DEVELOPMENT_SECRET, Settings
+from sfumato.errors import UsageError
 
 from .problems import assert_problem
 
@@ -392,26 +393,30 @@ def _cli() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "sfumato.cli"]
 
 
-def test_the_development_secret_is_refused_outside_development(clean_env, monkeypatch, tmp_path) -> None:
-    for kwargs in ({}, {"env": "production"}, {"env": "test"}):
-        with pytest.raises(ValidationError, match="SFUMATO_SECRET_KEY"):
-            Settings(**kwargs)
+def test_the_public_development_key_is_for_tests_only(clean_env, monkeypatch, tmp_path) -> None:
+    for env in ("production", "development"):
+        for name in ("secret_key", "triton_admin_key"):
+            with pytest.raises(ValidationError, match="public development key"):
+                Settings(env=env, **{name: DEVELOPMENT_SECRET})
     with pytest.raises(ValidationError, match="SFUMATO_SECRET_KEY"):
         Settings(env="production", secret_key="too-short")
-    dev = Settings(env="development")
-    assert dev.secret_key.get_secret_value() == DEVELOPMENT_SECRET
-    assert DEVELOPMENT_SECRET not in repr(dev)  # a SecretStr, never printed
+    test = Settings(env="test", secret_key=DEVELOPMENT_SECRET)
+    assert test.signing_key() == DEVELOPMENT_SECRET
+    assert DEVELOPMENT_SECRET not in repr(test)  # a SecretStr, never printed
 
     monkeypatch.setenv("SFUMATO_ENV", "production")
+    monkeypatch.setenv("SFUMATO_SECRET_KEY", DEVELOPMENT_SECRET)
     with pytest.raises(ValidationError, match="SFUMATO_SECRET_KEY"):
         Settings()
     monkeypatch.setenv("SFUMATO_SECRET_KEY", SECRET)
-    assert Settings().secret_key.get_secret_value() == SECRET
+    assert Settings().signing_key() == SECRET
 
     # The command line refuses too, with the reason and without a traceback.
     done = subprocess.run(
         [*_cli(), "admin", "create-key", "--user", "root"],
-        env=_cli_env(SFUMATO_ENV="production", SFUMATO_DATA_DIR=str(tmp_path)),
+        env=_cli_env(
+            SFUMATO_ENV="production", SFUMATO_SECRET_KEY=DEVELOPMENT_SECRET, SFUMATO_DATA_DIR=str(tmp_path)
+        ),
         capture_output=True,
         text=True,
         timeout=60,
@@ -419,6 +424,25 @@ def test_the_development_secret_is_refused_outside_development(clean_env, monkey
     assert done.returncode != 0 and done.stdout == ""
     assert "SFUMATO_SECRET_KEY" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "sfumato.db").exists()
+
+
+def test_each_installation_generates_its_own_secrets(clean_env, tmp_path) -> None:
+    one = Settings(data_dir=tmp_path / "one")
+    keys = {name: getattr(one, name)() for name in ("signing_key", "triton_restricted_key")}
+    for name, key in keys.items():
+        assert len(key) >= 64 and key != DEVELOPMENT_SECRET, name
+        assert getattr(Settings(data_dir=tmp_path / "one"), name)() == key, "not reused on restart"
+        assert getattr(Settings(data_dir=tmp_path / "two"), name)() != key, "shared between installations"
+    assert keys["signing_key"] != keys["triton_restricted_key"]
+    for path in (tmp_path / "one" / "secrets").iterdir():
+        assert path.stat().st_mode & 0o777 == 0o600, path
+    assert (tmp_path / "one" / "secrets").stat().st_mode & 0o777 == 0o700
+
+    # A key file that others can read is refused, not trusted.
+    leaked = tmp_path / "one" / "secrets" / "jwt-signing-key"
+    leaked.chmod(0o644)
+    with pytest.raises(UsageError, match="chmod 600"):
+        Settings(data_dir=tmp_path / "one").signing_key()
 
 
 async def test_cli_create_key_prints_a_key_that_authenticates(api, database_url, tmp_path) -> None:

@@ -1,0 +1,54 @@
+"""``sfumato generate``: call Triton's ``pipeline`` model directly over gRPC."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from sfumato.clients.png import encode_png, output_paths, read_image
+    from sfumato.clients.triton_grpc import generate
+
+    options = {
+        "negative_prompt": args.negative_prompt,
+        "num_images": args.num_images,
+        "steps": args.steps,
+        "guidance_scale": args.guidance_scale,
+        "seed": args.seed,
+        "width": args.width,
+        "height": args.height,
+        "scheduler": args.scheduler,
+        "strength": args.strength,
+    }
+    image = read_image(Path(args.image)) if args.image else None
+    mask = read_image(Path(args.mask), mode="L") if args.mask else None
+    result = generate(args.grpc, args.prompt, image=image, mask=mask, timeout_s=args.timeout, **options)
+    for path, img, seed in zip(
+        output_paths(Path(args.output), len(result.images)), result.images, result.seeds, strict=True
+    ):
+        text = {"prompt": args.prompt, "seed": str(int(seed))}
+        text.update({k: str(v) for k, v in options.items() if v is not None})
+        path.write_bytes(encode_png(img, text=text))
+        print(f"{path}  seed={int(seed)}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    gen = sub.add_parser("generate", help="generate images by calling Triton's pipeline model over gRPC")
+    gen.add_argument("prompt")
+    gen.add_argument("--grpc", default="localhost:8001", metavar="HOST:PORT", help="Triton gRPC address")
+    gen.add_argument("-o", "--output", default="out.png", help="PNG path; several images: out-0.png, ...")
+    gen.add_argument("--negative-prompt")
+    gen.add_argument("--num-images", type=int)
+    gen.add_argument("--steps", type=int)
+    gen.add_argument("--guidance-scale", type=float)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--width", type=int)
+    gen.add_argument("--height", type=int)
+    gen.add_argument("--scheduler", help="ddim | euler | euler_a | dpmpp_2m")
+    gen.add_argument("--image", help="init image (img2img / inpainting), PNG or JPEG")
+    gen.add_argument("--mask", help="inpainting mask, white = repaint")
+    gen.add_argument("--strength", type=float, help="img2img / inpainting strength in (0, 1]")
+    gen.add_argument("--timeout", type=float, default=300.0, help="seconds before giving up")
+    gen.set_defaults(func=_generate)

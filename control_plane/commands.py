@@ -1,0 +1,212 @@
+"""The control plane's commands: ``serve``, ``up``, ``worker``, ``admin``, ``db``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _settings():  # -> Settings
+    from pydantic import ValidationError
+
+    from sfumato.control_plane.settings import get_settings
+    from sfumato.errors import UsageError
+
+    try:
+        return get_settings()
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors()
+        )
+        raise UsageError(f"invalid settings: {problems}") from None
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from sfumato.control_plane import logs, migrate
+    from sfumato.control_plane.app import create_app
+
+    settings = _settings()
+    logs.configure(args.log_level.upper())
+    if not args.no_migrate:
+        migrate.upgrade(settings.resolved_database_url)
+    uvicorn.run(
+        create_app(settings),
+        host=args.host,
+        port=args.port,
+        log_config=None,
+        timeout_graceful_shutdown=int(settings.triton_timeout_s),
+    )
+    return 0
+
+
+def _up(args: argparse.Namespace) -> int:
+    """Triton and the control plane together, on embedded defaults (what `make run` starts)."""
+    import asyncio
+    import signal
+
+    import uvicorn
+
+    from sfumato.control_plane import accounts, logs, migrate
+    from sfumato.control_plane.app import create_app
+    from sfumato.control_plane.db import create_engine, session_factory
+    from sfumato.triton_server import TritonServer
+
+    settings = _settings()
+    migrate.upgrade(settings.resolved_database_url)
+
+    async def first_key() -> str | None:
+        engine = create_engine(settings.resolved_database_url)
+        try:
+            async with session_factory(engine)() as session:
+                return await accounts.bootstrap_admin(session=session)
+        finally:
+            await engine.dispose()
+
+    key = asyncio.run(first_key())
+    triton = TritonServer(
+        repository=Path(args.model_repository),
+        work_dir=settings.data_dir / "triton",
+        http_port=args.triton_http_port,
+        grpc_port=args.triton_grpc_port,
+        metrics_port=args.triton_metrics_port,
+    )
+    print(f"starting Triton on {args.model_repository} ...", file=sys.stderr, flush=True)
+    triton.start(timeout=300)
+    settings = settings.model_copy(update={"triton_url": triton.grpc_url})
+    base = f"http://{args.host}:{args.port}"
+    print(
+        f"Triton ready: gRPC {triton.grpc_url}, metrics http://127.0.0.1:{args.triton_metrics_port}/metrics"
+    )
+    print(f"control plane: {base} (OpenAPI: {base}/docs)")
+    if key:
+        print("\nadmin API key (shown once; `sfumato admin create-key` makes more):\n")
+        print(f"  {key}\n")
+        print("try it:\n")
+        print(
+            f"  curl -s {base}/v1/generations -H 'Authorization: Bearer {key}' "
+            "-H 'Prefer: wait=60' -H 'Accept: image/png' -H 'Content-Type: application/json' "
+            '-d \'{"prompt": "a red circle on a white background"}\' -o red-circle.png\n',
+            flush=True,
+        )
+    else:
+        print(
+            "admin key: printed on first start; `sfumato admin create-key --user admin --role admin` "
+            "makes a new one",
+            flush=True,
+        )
+    logs.configure(args.log_level.upper())
+
+    def _exit(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    # uvicorn handles SIGINT/SIGTERM while it runs, then re-raises the signal once it has shut
+    # down; this handler turns that into SystemExit so that Triton is stopped below.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _exit)
+    try:
+        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_config=None)
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+        return 0 if code in (128 + signal.SIGINT, 128 + signal.SIGTERM) else code
+    finally:
+        print("stopping Triton ...", file=sys.stderr, flush=True)
+        triton.stop()
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    import asyncio
+    import signal
+
+    from sfumato.control_plane import logs
+    from sfumato.control_plane.services import Services
+    from sfumato.control_plane.worker import run_workers
+
+    settings = _settings()
+    logs.configure(args.log_level.upper())
+
+    async def main_loop() -> None:
+        services = Services.build(settings)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        try:
+            await run_workers(services, count=args.count or max(settings.workers, 1), stop=stop)
+        finally:
+            await services.close()
+
+    asyncio.run(main_loop())
+    return 0
+
+
+def _create_key(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from sfumato.control_plane import accounts
+    from sfumato.control_plane.db import create_engine, session_factory
+
+    settings = _settings()
+
+    async def run() -> str:
+        engine = create_engine(settings.resolved_database_url)
+        try:
+            async with session_factory(engine)() as session:
+                user = await accounts.ensure_user(session=session, name=args.user, role=args.role)
+                _, plaintext = await accounts.create_key(session=session, user_id=user.id, name=args.name)
+                return plaintext
+        finally:
+            await engine.dispose()
+
+    print(asyncio.run(run()))
+    return 0
+
+
+def _db_upgrade(args: argparse.Namespace) -> int:
+    from sfumato.control_plane import migrate
+
+    settings = _settings()
+    migrate.upgrade(settings.resolved_database_url, args.revision)
+    print(f"database at revision {args.revision}", file=sys.stderr)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    sv = sub.add_parser("serve", help="run the control plane (REST API) with in-process workers")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8080)
+    sv.add_argument("--no-migrate", action="store_true", help="do not upgrade the database schema first")
+    sv.add_argument("--log-level", default="info")
+    sv.set_defaults(func=_serve)
+
+    upp = sub.add_parser("up", help="Triton and the control plane together (what `make run` starts)")
+    upp.add_argument("--model-repository", default="model_repository")
+    upp.add_argument("--host", default="127.0.0.1")
+    upp.add_argument("--port", type=int, default=8080)
+    upp.add_argument("--triton-http-port", type=int, default=8000)
+    upp.add_argument("--triton-grpc-port", type=int, default=8001)
+    upp.add_argument("--triton-metrics-port", type=int, default=8002)
+    upp.add_argument("--log-level", default="info")
+    upp.set_defaults(func=_up)
+
+    wk = sub.add_parser("worker", help="run generation workers alone (scale out)")
+    wk.add_argument("--count", type=int, help="workers in this process (default: SFUMATO_WORKERS)")
+    wk.add_argument("--log-level", default="info")
+    wk.set_defaults(func=_worker)
+
+    admin = sub.add_parser("admin", help="administration")
+    admin_sub = admin.add_subparsers(dest="admin_command", required=True, metavar="ACTION")
+    ck = admin_sub.add_parser("create-key", help="create a user if needed and print a new API key for it")
+    ck.add_argument("--user", required=True)
+    ck.add_argument("--role", choices=["admin", "member"], default="member")
+    ck.add_argument("--name", default="", help="a label for the key")
+    ck.set_defaults(func=_create_key)
+
+    db = sub.add_parser("db", help="database schema")
+    db_sub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    up = db_sub.add_parser("upgrade", help="run the Alembic migrations")
+    up.add_argument("revision", nargs="?", default="head")
+    up.set_defaults(func=_db_upgrade)

@@ -1,0 +1,66 @@
+"""``sfumato demo-model train|evaluate``: the built-in demo model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from sfumato.errors import QualityError
+
+DEMO_MODEL = Path("models/sfumato-shapes")
+FIGURES = Path("docs/figures")
+
+
+def _demo_train(args: argparse.Namespace) -> int:
+    from sfumato.training.train import TrainingPlan, train_demo_model
+
+    plan = TrainingPlan(seed=args.seed)
+    if args.quick:  # a smoke run of every step, for tests; the result is not a usable model
+        plan = TrainingPlan(seed=args.seed, dataset_size=256, vae_steps=4, unet_steps=4, warmup_steps=2)
+    report = train_demo_model(Path(args.out), plan=plan, progress=not args.no_progress)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def _demo_evaluate(args: argparse.Namespace) -> int:
+    from sfumato.grid import save_grid
+    from sfumato.training.evaluate import QUALITY_BAR, evaluate_demo_model
+
+    result = evaluate_demo_model(
+        Path(args.model), count=args.count, steps=args.steps, guidance=args.guidance, seed=args.seed
+    )
+    s = result.score
+    print(f"{'':<12} {'measured':>9} {'bar':>6}")
+    for key, value in (("background", s.background), ("colour", s.colour), ("shape", s.shape)):
+        print(f"{key:<12} {value:>9.3f} {QUALITY_BAR[key]:>6.2f}")
+    print(f"{s.count} prompts, {args.steps} steps, guidance {args.guidance}, seed {args.seed}")
+    if args.grid:
+        print(f"samples: {save_grid(result.images, Path(args.grid))}")
+    if args.json:
+        payload = {**asdict(s), "passed": result.passed, "steps": args.steps, "guidance": args.guidance}
+        Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
+    if not result.passed:
+        raise QualityError("the model is below the quality bar")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    demo = sub.add_parser("demo-model", help="train or evaluate the built-in demo model")
+    demo_sub = demo.add_subparsers(dest="demo_command", required=True, metavar="ACTION")
+    tr = demo_sub.add_parser("train", help="train the demo model from scratch (about 30 minutes, 2 cores)")
+    tr.add_argument("--out", default=str(DEMO_MODEL))
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--quick", action="store_true", help="a few steps of each phase (smoke test)")
+    tr.add_argument("--no-progress", action="store_true")
+    tr.set_defaults(func=_demo_train)
+    ev = demo_sub.add_parser("evaluate", help="judge samples against their prompts (the quality bar)")
+    ev.add_argument("--model", default=str(DEMO_MODEL))
+    ev.add_argument("--count", type=int, default=48)
+    ev.add_argument("--steps", type=int, default=25)
+    ev.add_argument("--guidance", type=float, default=5.0)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--grid", default=str(FIGURES / "demo-model-samples.png"), help="PNG of the samples")
+    ev.add_argument("--json", help="also write the scores as JSON here")
+    ev.set_defaults(func=_demo_evaluate)
