@@ -34,6 +34,7 @@ from pathlib import Path
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
+GUARDED_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
 
 def _prctl(option: int, value: int) -> None:
@@ -104,24 +105,41 @@ def kill_leftovers(*, timeout: float = 30.0) -> None:
 def run(command: Sequence[str], *, parent: int) -> int:
     if os.getpgid(0) != os.getpid():
         os.setsid()  # lead a group of our own: kill_leftovers must never reach the caller's group
-    _prctl(PR_SET_PDEATHSIG, signal.SIGHUP)
-    if os.getppid() != parent:  # the parent died before the line above took effect
-        return 128 + signal.SIGHUP
-    _prctl(PR_SET_CHILD_SUBREAPER, 1)
-    # preexec_fn is safe here: the guard has a single thread.
-    child = subprocess.Popen(list(command), preexec_fn=_die_with_parent)
+    state: dict[str, subprocess.Popen | bool | None] = {"child": None, "stop": False, "sent": False}
+
+    def forward(signum: int) -> None:
+        child = state["child"]
+        if isinstance(child, subprocess.Popen) and not state["sent"]:
+            state["sent"] = signum == signal.SIGTERM
+            with contextlib.suppress(ProcessLookupError):
+                child.send_signal(signum)
 
     def graceful(signum: int, _frame: object) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            child.send_signal(signal.SIGTERM)
+        state["stop"] = True
+        forward(signal.SIGTERM)
 
     def parent_died(signum: int, _frame: object) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            child.kill()
+        state["stop"] = True
+        state["sent"] = False
+        forward(signal.SIGKILL)
 
     signal.signal(signal.SIGTERM, graceful)
     signal.signal(signal.SIGINT, graceful)
     signal.signal(signal.SIGHUP, parent_died)
+    # start() blocked these signals around our fork: one sent before the handlers above existed
+    # is pending, and is handled now instead of killing the guard.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, GUARDED_SIGNALS)
+    _prctl(PR_SET_PDEATHSIG, signal.SIGHUP)
+    if os.getppid() != parent:  # the parent died before the line above took effect
+        return 128 + signal.SIGHUP
+    _prctl(PR_SET_CHILD_SUBREAPER, 1)
+    if state["stop"]:
+        return 0  # stopped before the command started
+    # preexec_fn is safe here: the guard has a single thread.
+    child = subprocess.Popen(list(command), preexec_fn=_die_with_parent)
+    state["child"] = child
+    if state["stop"]:
+        forward(signal.SIGTERM)
     code = child.wait()
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -132,7 +150,13 @@ def run(command: Sequence[str], *, parent: int) -> int:
 def start(command: Sequence[str], **popen_kwargs: object) -> subprocess.Popen:
     """Start ``command`` under a guard tied to this process; the ``Popen`` is the guard's."""
     guard = [sys.executable, "-m", "sfumato.process_guard", "--parent", str(os.getpid()), "--"]
-    return subprocess.Popen([*guard, *command], start_new_session=True, **popen_kwargs)  # type: ignore[call-overload]
+    # The guard inherits this mask: a stop sent before its handlers exist waits instead of
+    # killing it outright (which would skip the graceful stop).
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, GUARDED_SIGNALS)
+    try:
+        return subprocess.Popen([*guard, *command], start_new_session=True, **popen_kwargs)  # type: ignore[call-overload]
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def stop(process: subprocess.Popen, *, timeout: float) -> int:
