@@ -165,7 +165,17 @@ def test_a_killed_triton_is_restarted_and_counted(start_up) -> None:
 
 
 def test_sigkill_of_up_leaves_nothing_and_up_starts_again_at_once(start_up) -> None:
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
     first = start_up()
+    # `sfumato up` serves the gRPC edge too: the admin key it printed passes, nothing else does.
+    key = re.search(r"^\s+(sfm_\S+)$", first.log.read_text(), re.MULTILINE)
+    assert key, first.log.read_text()
+    edge = grpcclient.InferenceServerClient(f"127.0.0.1:{first.edge_port}")
+    assert edge.is_model_ready("pipeline", headers={"authorization": f"Bearer {key.group(1)}"})
+    with pytest.raises(InferenceServerException, match="UNAUTHENTICATED"):
+        edge.is_model_ready("pipeline")
     servers = first.servers()
     assert {"tritonserver", "triton_python_b", "caddy"} <= set(servers.values()), servers
     everything = set(descendants(first.process.pid))
