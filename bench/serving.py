@@ -58,11 +58,14 @@ def export_repo(out: Path, *, batching: bool) -> Path:
 
 
 def start_triton(repo: Path, work: Path):
+    import secrets
+
     from sfumato.triton_server import TritonServer, free_port
 
     server = TritonServer(
         repository=repo,
         work_dir=work,
+        admin_key=secrets.token_urlsafe(32),
         http_port=free_port(),
         grpc_port=free_port(),
         metrics_port=free_port(),

@@ -7,6 +7,8 @@ from pathlib import Path
 
 
 def _generate(args: argparse.Namespace) -> int:
+    import os
+
     from sfumato.clients.png import encode_png, output_paths, read_image
     from sfumato.clients.triton_grpc import generate
 
@@ -23,7 +25,10 @@ def _generate(args: argparse.Namespace) -> int:
     }
     image = read_image(Path(args.image)) if args.image else None
     mask = read_image(Path(args.mask), mode="L") if args.mask else None
-    result = generate(args.grpc, args.prompt, image=image, mask=mask, timeout_s=args.timeout, **options)
+    api_key = args.key or os.environ.get("SFUMATO_API_KEY")
+    result = generate(
+        args.grpc, args.prompt, image=image, mask=mask, timeout_s=args.timeout, api_key=api_key, **options
+    )
     for path, img, seed in zip(
         output_paths(Path(args.output), len(result.images)), result.images, result.seeds, strict=True
     ):
@@ -37,7 +42,10 @@ def _generate(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     gen = sub.add_parser("generate", help="generate images by calling Triton's pipeline model over gRPC")
     gen.add_argument("prompt")
-    gen.add_argument("--grpc", default="localhost:8001", metavar="HOST:PORT", help="Triton gRPC address")
+    gen.add_argument(
+        "--grpc", default="localhost:8003", metavar="HOST:PORT", help="the gRPC edge (or Triton) address"
+    )
+    gen.add_argument("--key", help="API key for the gRPC edge (default: SFUMATO_API_KEY)")
     gen.add_argument("-o", "--output", default="out.png", help="PNG path; several images: out-0.png, ...")
     gen.add_argument("--negative-prompt")
     gen.add_argument("--num-images", type=int)

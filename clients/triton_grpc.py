@@ -154,8 +154,16 @@ def pipeline_inputs(
     return inputs
 
 
-def generate(url: str, prompt: str, *, timeout_s: float = 300.0, **options: Any) -> Generation:
-    """Run one generation on the Triton at ``url`` (``host:port``, gRPC); blocks until done."""
+def auth_headers(api_key: str | None) -> dict[str, str] | None:
+    """gRPC metadata carrying an API key (or access token) for the gRPC edge."""
+    return {"authorization": f"Bearer {api_key}"} if api_key else None
+
+
+def generate(
+    url: str, prompt: str, *, timeout_s: float = 300.0, api_key: str | None = None, **options: Any
+) -> Generation:
+    """Run one generation on the Triton at ``url`` (``host:port``, gRPC; the gRPC edge with
+    ``api_key``); blocks until done."""
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
 
@@ -165,6 +173,7 @@ def generate(url: str, prompt: str, *, timeout_s: float = 300.0, **options: Any)
             MODEL,
             pipeline_inputs(grpcclient, prompt=prompt, **options),
             outputs=[grpcclient.InferRequestedOutput("images"), grpcclient.InferRequestedOutput("seeds")],
+            headers=auth_headers(api_key),
             client_timeout=timeout_s,
         )
     except InferenceServerException as exc:

@@ -21,7 +21,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sfumato import __version__
 from sfumato.control_plane import logs, problems
-from sfumato.control_plane.routers import accounts, generations, models, operations
+from sfumato.control_plane.metrics import Metrics
+from sfumato.control_plane.routers import accounts, edge, generations, models, operations
 from sfumato.control_plane.services import Services
 from sfumato.control_plane.settings import Settings, get_settings
 from sfumato.control_plane.worker import run_workers
@@ -112,12 +113,15 @@ class _TooLarge(Exception):
     pass
 
 
-def create_app(settings: Settings | None = None, *, services: Services | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, *, services: Services | None = None, metrics: Metrics | None = None
+) -> FastAPI:
+    """``metrics``: a registry the caller also feeds (``sfumato up``'s Triton supervisor)."""
     settings = settings or get_settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.services = services or Services.build(settings)
+        app.state.services = services or Services.build(settings, metrics=metrics)
         stop = asyncio.Event()
         workers = None
         if settings.workers > 0:
@@ -144,6 +148,7 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     app.include_router(accounts.router)
     app.include_router(models.router)
     app.include_router(operations.router)
+    app.include_router(edge.router)
 
     # Added before the request-context middleware, so it runs inside it: a 413 still carries
     # X-Request-ID and is counted in the metrics and the access log.

@@ -76,6 +76,14 @@ async def _from_token(token: str, session: AsyncSession, services: Services) -> 
     return Principal(user_id=user.id, name=user.name, role=user.role, via="token")
 
 
+async def authenticate_bearer(token: str, *, session: AsyncSession, services: Services) -> Principal:
+    """The principal of a bearer credential (an API key ``sfm_...`` or an access token), or
+    :class:`AuthenticationError`. REST (:func:`get_principal`) and the gRPC edge share it."""
+    if token.startswith("sfm_"):
+        return await _from_api_key(token, session)
+    return await _from_token(token, session, services)
+
+
 async def get_principal(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
@@ -84,11 +92,7 @@ async def get_principal(
 ) -> Principal:
     if credentials is None or credentials.scheme.lower() != "bearer" or not credentials.credentials:
         raise AuthenticationError("missing bearer credentials (an API key or an access token)")
-    token = credentials.credentials
-    if token.startswith("sfm_"):
-        principal = await _from_api_key(token, session)
-    else:
-        principal = await _from_token(token, session, services)
+    principal = await authenticate_bearer(credentials.credentials, session=session, services=services)
     request.state.principal = principal
     await services.limiter.hit(services.settings.rate_limit, scope="requests", principal=principal.user_id)
     return principal

@@ -1,4 +1,4 @@
-"""The control plane's commands: ``serve``, ``up``, ``worker``, ``admin``, ``db``."""
+"""The control plane's commands: ``serve``, ``up``, ``edge``, ``worker``, ``admin``, ``db``."""
 
 from __future__ import annotations
 
@@ -43,7 +43,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _up(args: argparse.Namespace) -> int:
-    """Triton and the control plane together, on embedded defaults (what `make run` starts)."""
+    """Triton, the gRPC edge and the control plane together, on embedded defaults (what `make run`
+    starts). Triton and the edge are supervised (restarted when they exit) and die with this
+    process, also when it is killed with SIGKILL (:mod:`sfumato.process_guard`)."""
     import asyncio
     import signal
 
@@ -52,6 +54,9 @@ def _up(args: argparse.Namespace) -> int:
     from sfumato.control_plane import accounts, logs, migrate
     from sfumato.control_plane.app import create_app
     from sfumato.control_plane.db import create_engine, session_factory
+    from sfumato.control_plane.edge_proxy import EdgeProxy
+    from sfumato.control_plane.metrics import Metrics
+    from sfumato.supervisor import Supervisor
     from sfumato.triton_server import TritonServer
 
     settings = _settings()
@@ -66,54 +71,121 @@ def _up(args: argparse.Namespace) -> int:
             await engine.dispose()
 
     key = asyncio.run(first_key())
-    triton = TritonServer(
-        repository=Path(args.model_repository),
-        work_dir=settings.data_dir / "triton",
-        http_port=args.triton_http_port,
-        grpc_port=args.triton_grpc_port,
-        metrics_port=args.triton_metrics_port,
-    )
-    print(f"starting Triton on {args.model_repository} ...", file=sys.stderr, flush=True)
-    triton.start(timeout=300)
-    settings = settings.model_copy(update={"triton_url": triton.grpc_url})
-    base = f"http://{args.host}:{args.port}"
-    print(
-        f"Triton ready: gRPC {triton.grpc_url}, metrics http://127.0.0.1:{args.triton_metrics_port}/metrics"
-    )
-    print(f"control plane: {base} (OpenAPI: {base}/docs)")
-    if key:
-        print("\nadmin API key (shown once; `sfumato admin create-key` makes more):\n")
-        print(f"  {key}\n")
-        print("try it:\n")
-        print(
-            f"  curl -s {base}/v1/generations -H 'Authorization: Bearer {key}' "
-            "-H 'Prefer: wait=60' -H 'Accept: image/png' -H 'Content-Type: application/json' "
-            '-d \'{"prompt": "a red circle on a white background"}\' -o red-circle.png\n',
-            flush=True,
-        )
-    else:
-        print(
-            "admin key: printed on first start; `sfumato admin create-key --user admin --role admin` "
-            "makes a new one",
-            flush=True,
-        )
     logs.configure(args.log_level.upper())
 
     def _exit(signum: int, _frame: object) -> None:
         raise SystemExit(128 + signum)
 
     # uvicorn handles SIGINT/SIGTERM while it runs, then re-raises the signal once it has shut
-    # down; this handler turns that into SystemExit so that Triton is stopped below.
+    # down; this handler turns that (or a signal while Triton starts) into SystemExit, so that
+    # the edge and Triton are stopped below.
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _exit)
+
+    metrics = Metrics()
+    triton = TritonServer(
+        repository=Path(args.model_repository),
+        work_dir=settings.data_dir / "triton",
+        admin_key=settings.triton_restricted_key(),
+        address=args.address,
+        http_port=args.triton_http_port,
+        grpc_port=args.triton_grpc_port,
+        metrics_port=args.triton_metrics_port,
+    )
+    triton_supervisor = Supervisor(
+        triton,
+        name="tritonserver",
+        on_up=lambda up: metrics.triton_up.set(1 if up else 0),
+        on_restart=metrics.triton_restarts.inc,
+    )
+    base = f"http://{args.host}:{args.port}"
+    edge_supervisor = None
+    if args.edge_port:
+        edge = EdgeProxy(
+            work_dir=settings.data_dir / "edge",
+            api=f"http://{'127.0.0.1' if args.host in {'0.0.0.0', '::'} else args.host}:{args.port}",
+            triton=triton.grpc_url,
+            edge_key=settings.edge_secret(),
+            host=args.edge_host,
+            port=args.edge_port,
+            max_body_bytes=settings.max_body_bytes,
+            tls_cert=Path(args.edge_tls_cert) if args.edge_tls_cert else None,
+            tls_key=Path(args.edge_tls_key) if args.edge_tls_key else None,
+        )
+        edge_supervisor = Supervisor(edge, name="edge (caddy)", ready_timeout_s=30)
+    print(f"starting Triton on {args.model_repository} ...", file=sys.stderr, flush=True)
     try:
-        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_config=None)
+        triton_supervisor.start()
+        if edge_supervisor is not None:
+            edge_supervisor.start()
+        settings = settings.model_copy(update={"triton_url": triton.grpc_url})
+        print(f"Triton ready: gRPC {triton.grpc_url}, metrics {triton.metrics_url} (supervised)")
+        if edge_supervisor is not None:
+            scheme = "TLS" if args.edge_tls_cert else "h2c"
+            print(f"gRPC edge: {args.edge_host}:{args.edge_port} ({scheme}; API key in `authorization`)")
+        print(f"control plane: {base} (OpenAPI: {base}/docs)")
+        if key:
+            print("\nadmin API key (shown once; `sfumato admin create-key` makes more):\n")
+            print(f"  {key}\n")
+            print("try it:\n")
+            print(
+                f"  curl -s {base}/v1/generations -H 'Authorization: Bearer {key}' "
+                "-H 'Prefer: wait=60' -H 'Accept: image/png' -H 'Content-Type: application/json' "
+                '-d \'{"prompt": "a red circle on a white background"}\' -o red-circle.png\n',
+                flush=True,
+            )
+        else:
+            print(
+                "admin key: printed on first start; `sfumato admin create-key --user admin --role admin` "
+                "makes a new one",
+                flush=True,
+            )
+        uvicorn.run(create_app(settings, metrics=metrics), host=args.host, port=args.port, log_config=None)
     except SystemExit as exc:
         code = int(exc.code or 0)
         return 0 if code in (128 + signal.SIGINT, 128 + signal.SIGTERM) else code
     finally:
-        print("stopping Triton ...", file=sys.stderr, flush=True)
-        triton.stop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)  # a second Ctrl-C must not cut the graceful stop short
+        print("stopping the edge and Triton ...", file=sys.stderr, flush=True)
+        if edge_supervisor is not None:
+            edge_supervisor.stop()
+        triton_supervisor.stop()
+    return 0
+
+
+def _edge(args: argparse.Namespace) -> int:
+    """The gRPC edge alone, in front of a Triton and a control plane that run elsewhere."""
+    import signal
+    import threading
+
+    from sfumato.control_plane import logs
+    from sfumato.control_plane.edge_proxy import EdgeProxy
+    from sfumato.supervisor import Supervisor
+
+    settings = _settings()
+    logs.configure(args.log_level.upper())
+    edge = EdgeProxy(
+        work_dir=settings.data_dir / "edge",
+        api=args.api,
+        triton=args.triton,
+        edge_key=settings.edge_secret(),
+        host=args.host,
+        port=args.port,
+        max_body_bytes=settings.max_body_bytes,
+        tls_cert=Path(args.tls_cert) if args.tls_cert else None,
+        tls_key=Path(args.tls_key) if args.tls_key else None,
+    )
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    supervisor = Supervisor(edge, name="edge (caddy)", ready_timeout_s=30)
+    supervisor.start()
+    print(f"gRPC edge on {args.host}:{args.port} -> Triton {args.triton}, asking {args.api}", flush=True)
+    try:
+        stop.wait()
+    finally:
+        supervisor.stop()
     return 0
 
 
@@ -184,13 +256,28 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     upp = sub.add_parser("up", help="Triton and the control plane together (what `make run` starts)")
     upp.add_argument("--model-repository", default="model_repository")
-    upp.add_argument("--host", default="127.0.0.1")
+    upp.add_argument("--host", default="127.0.0.1", help="the REST API's address")
     upp.add_argument("--port", type=int, default=8080)
+    upp.add_argument("--address", default="127.0.0.1", help="Triton's address (HTTP, gRPC, metrics)")
     upp.add_argument("--triton-http-port", type=int, default=8000)
     upp.add_argument("--triton-grpc-port", type=int, default=8001)
     upp.add_argument("--triton-metrics-port", type=int, default=8002)
+    upp.add_argument("--edge-host", default="127.0.0.1", help="the gRPC edge's address")
+    upp.add_argument("--edge-port", type=int, default=8003, help="the gRPC edge's port (0: no edge)")
+    upp.add_argument("--edge-tls-cert", help="serve the edge over TLS with this certificate (PEM)")
+    upp.add_argument("--edge-tls-key", help="... and this private key (PEM)")
     upp.add_argument("--log-level", default="info")
     upp.set_defaults(func=_up)
+
+    ed = sub.add_parser("edge", help="the authenticating gRPC edge (Caddy) in front of Triton")
+    ed.add_argument("--host", default="127.0.0.1")
+    ed.add_argument("--port", type=int, default=8003)
+    ed.add_argument("--triton", default="127.0.0.1:8001", metavar="HOST:PORT", help="Triton's gRPC")
+    ed.add_argument("--api", default="http://127.0.0.1:8080", help="the control plane that decides")
+    ed.add_argument("--tls-cert", help="serve TLS with this certificate (PEM)")
+    ed.add_argument("--tls-key", help="... and this private key (PEM)")
+    ed.add_argument("--log-level", default="info")
+    ed.set_defaults(func=_edge)
 
     wk = sub.add_parser("worker", help="run generation workers alone (scale out)")
     wk.add_argument("--count", type=int, help="workers in this process (default: SFUMATO_WORKERS)")

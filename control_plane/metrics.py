@@ -39,3 +39,19 @@ class Metrics:
             ["status"],
             registry=self.registry,
         )
+        self.triton_restarts = Counter(
+            "sfumato_triton_restarts_total",
+            "Restarts of tritonserver by `sfumato up`'s supervisor",
+            registry=self.registry,
+        )
+        self.triton_up = Gauge(
+            "sfumato_triton_up",
+            "1 while the supervised tritonserver is running and was ready, else 0",
+            registry=self.registry,
+        )
+        self.edge_requests = Counter(
+            "sfumato_edge_requests_total",
+            "gRPC calls the edge asked about, by outcome",
+            ["outcome"],
+            registry=self.registry,
+        )

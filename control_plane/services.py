@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from sfumato.control_plane.db import create_engine, session_factory
+from sfumato.control_plane.edge_calls import InFlightCalls
 from sfumato.control_plane.metrics import Metrics
 from sfumato.control_plane.ratelimit import RateLimiter
 from sfumato.control_plane.settings import Settings
@@ -22,11 +23,13 @@ class Services:
     limiter: RateLimiter
     signing_key: str  # resolved once at start: the setting, or this installation's generated key
     metrics: Metrics = field(default_factory=Metrics)
+    edge_calls: InFlightCalls = field(default_factory=InFlightCalls)  # gRPC calls through the edge
 
     @classmethod
-    def build(cls, settings: Settings) -> Services:
+    def build(cls, settings: Settings, *, metrics: Metrics | None = None) -> Services:
         engine = create_engine(settings.resolved_database_url)
         return cls(
+            metrics=metrics or Metrics(),
             settings=settings,
             signing_key=settings.signing_key(),
             engine=engine,

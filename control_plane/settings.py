@@ -43,6 +43,14 @@ class Settings(BaseSettings):
         description="Triton's restricted-protocol header value (model repository, config, ...); "
         "default: generated under data_dir",
     )
+    edge_key: SecretStr | None = Field(
+        default=None,
+        description="shared secret of the gRPC edge and the control plane's /internal/edge routes; "
+        "default: generated under data_dir",
+    )
+    edge_max_call_s: float = Field(
+        default=300.0, gt=0, description="longest gRPC call through the edge (its deadline is capped to it)"
+    )
     jwt_algorithm: Literal["HS256", "HS384", "HS512"] = "HS256"
     jwt_audience: str = "sfumato"
     jwt_issuer: str = "sfumato"
@@ -75,6 +83,7 @@ class Settings(BaseSettings):
         for name, value in (
             ("SFUMATO_SECRET_KEY", self.secret_key),
             ("SFUMATO_TRITON_ADMIN_KEY", self.triton_admin_key),
+            ("SFUMATO_EDGE_KEY", self.edge_key),
         ):
             if value is None:
                 continue
@@ -107,6 +116,13 @@ class Settings(BaseSettings):
         if self.triton_admin_key is not None:
             return self.triton_admin_key.get_secret_value()
         return load_or_create_secret(self.secrets_dir / "triton-admin-key")
+
+    def edge_secret(self) -> str:
+        """The secret the gRPC edge presents to ``/internal/edge/*``: ``SFUMATO_EDGE_KEY``, else this
+        installation's own, generated on first use."""
+        if self.edge_key is not None:
+            return self.edge_key.get_secret_value()
+        return load_or_create_secret(self.secrets_dir / "edge-key")
 
     @property
     def resolved_database_url(self) -> str:

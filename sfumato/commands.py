@@ -7,7 +7,17 @@ import sys
 from pathlib import Path
 
 
+def _admin_key(args: argparse.Namespace) -> str:
+    """``SFUMATO_TRITON_ADMIN_KEY``, else the key in ``--admin-key-file`` (created on first use)."""
+    import os
+
+    from sfumato.secret_files import load_or_create_secret
+
+    return os.environ.get("SFUMATO_TRITON_ADMIN_KEY") or load_or_create_secret(Path(args.admin_key_file))
+
+
 def _triton_serve(args: argparse.Namespace) -> int:
+    import os
     import signal
     import threading
 
@@ -16,6 +26,8 @@ def _triton_serve(args: argparse.Namespace) -> int:
     server = TritonServer(
         repository=Path(args.model_repository),
         work_dir=Path(args.work_dir),
+        admin_key=_admin_key(args),
+        address=args.address,
         http_port=args.http_port,
         grpc_port=args.grpc_port,
         metrics_port=args.metrics_port,
@@ -27,8 +39,9 @@ def _triton_serve(args: argparse.Namespace) -> int:
     print(f"starting tritonserver on {args.model_repository} (log: {args.work_dir})", file=sys.stderr)
     server.start(timeout=args.ready_timeout)
     print(
-        f"Triton ready: gRPC 127.0.0.1:{args.grpc_port}, HTTP {server.http_url}, "
-        f"metrics http://127.0.0.1:{args.metrics_port}/metrics",
+        f"Triton ready: gRPC {args.address}:{args.grpc_port}, HTTP {args.address}:{args.http_port}, "
+        f"metrics {args.address}:{args.metrics_port} (admin protocols need the key in "
+        f"{'SFUMATO_TRITON_ADMIN_KEY' if 'SFUMATO_TRITON_ADMIN_KEY' in os.environ else args.admin_key_file})",
         flush=True,
     )
     while not stop.is_set() and server.process is not None and server.process.poll() is None:
@@ -49,6 +62,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     triton_sub = triton.add_subparsers(dest="triton_command", required=True, metavar="ACTION")
     serve = triton_sub.add_parser("serve", help="serve a model repository (every model loaded at start)")
     serve.add_argument("--model-repository", default="model_repository")
+    serve.add_argument(
+        "--address",
+        default="127.0.0.1",
+        help="address HTTP, gRPC and metrics listen on (default: loopback only)",
+    )
+    serve.add_argument(
+        "--admin-key-file",
+        default="var/secrets/triton-admin-key",
+        help="the restricted protocols' key (sfumato-admin-key header), generated there on first use "
+        "(mode 0600); SFUMATO_TRITON_ADMIN_KEY overrides it",
+    )
     serve.add_argument("--http-port", type=int, default=8000)
     serve.add_argument("--grpc-port", type=int, default=8001)
     serve.add_argument("--metrics-port", type=int, default=8002)

@@ -9,6 +9,13 @@ virtualenv, so python-backend models see its packages (ONNX Runtime, tokenizers,
 ``TritonServer`` starts the process with explicit model control and every model of the
 repository loaded, waits until Triton says it is ready, and stops it gracefully (SIGTERM, then
 Triton's own ``--exit-timeout-secs``).
+
+Locked down by default: HTTP, gRPC and metrics listen on 127.0.0.1 unless ``address`` says
+otherwise, and the protocol groups that change or reveal the server (model repository, model
+config, shared memory, trace, logging) answer only calls that carry the header
+``sfumato-admin-key`` with the installation's secret (Triton's ``--grpc-restricted-protocol`` /
+``--http-restricted-api``). Triton runs under :mod:`sfumato.process_guard`: it and its
+python-backend stubs die with the process that started it, SIGKILL included.
 """
 
 from __future__ import annotations
@@ -16,17 +23,25 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from sfumato import process_guard
 from sfumato.errors import MissingDependencyError, SfumatoError, UsageError
+
+#: The header that Triton's restricted protocols demand, as configured (the HTTP header's name).
+ADMIN_KEY_HEADER = "sfumato-admin-key"
+#: Over gRPC, Triton 2.51 expects the configured key with its own prefix as the metadata key.
+ADMIN_KEY_GRPC_METADATA = f"triton-grpc-protocol-{ADMIN_KEY_HEADER}"
+#: Protocol groups that only the control plane may use (with the header above).
+RESTRICTED_GROUPS = ("model-repository", "model-config", "shared-memory", "trace", "logging")
 
 
 class TritonStartError(SfumatoError):
@@ -39,15 +54,6 @@ class TritonDistribution:
     libs: Path
     python_backend: Path
     stub: Path
-
-
-def _terminate_with_parent() -> None:
-    """In the child before exec: SIGTERM when the process that started Triton dies, even by SIGKILL
-    (Linux ``PR_SET_PDEATHSIG``), so no orphaned server keeps the ports."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 def find_distribution() -> TritonDistribution:
@@ -112,6 +118,11 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     return True
 
 
+def connect_host(address: str) -> str:
+    """The host to connect to for a listener bound to ``address`` (a wildcard means loopback)."""
+    return "127.0.0.1" if address in {"0.0.0.0", "", "::", "[::]"} else address
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -127,6 +138,8 @@ class TritonServer:
 
     repository: Path
     work_dir: Path
+    admin_key: str  # value of the sfumato-admin-key header the restricted protocols demand
+    address: str = "127.0.0.1"  # where HTTP, gRPC and metrics listen
     http_port: int = 8000
     grpc_port: int = 8001
     metrics_port: int = 8002
@@ -137,21 +150,35 @@ class TritonServer:
 
     @property
     def grpc_url(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
+        return f"{connect_host(self.address)}:{self.grpc_port}"
 
     @property
     def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        return f"http://{connect_host(self.address)}:{self.http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{connect_host(self.address)}:{self.metrics_port}/metrics"
 
     def command(self, dist: TritonDistribution, backends: Path) -> list[str]:
         models = self.models if self.models is not None else repository_models(self.repository)
+        if not self.admin_key or any(c.isspace() or c in ",:=" for c in self.admin_key):
+            raise UsageError("the Triton admin key must be non-empty, without spaces, ',', ':' or '='")
+        restricted = f"{','.join(RESTRICTED_GROUPS)}:{ADMIN_KEY_HEADER}={self.admin_key}"
         args = [
             str(dist.binary),
             f"--model-repository={Path(self.repository).resolve()}",
             f"--backend-directory={backends.resolve()}",
+            f"--http-address={self.address}",
             f"--http-port={self.http_port}",
+            f"--grpc-address={self.address}",
             f"--grpc-port={self.grpc_port}",
+            f"--metrics-address={self.address}",
             f"--metrics-port={self.metrics_port}",
+            # Triton 2.51: <groups>:<header>=<value>. The value is on the command line (Triton has
+            # no file option), readable by local users through /proc: see the README.
+            f"--grpc-restricted-protocol={restricted}",
+            f"--http-restricted-api={restricted}",
             "--model-control-mode=explicit",
             *(f"--load-model={name}" for name in models),
             f"--exit-timeout-secs={self.exit_timeout_secs}",
@@ -160,14 +187,16 @@ class TritonServer:
         ]
         return args
 
-    def start(self, *, timeout: float = 180.0) -> None:
+    def start(self, *, timeout: float = 180.0, cancel: threading.Event | None = None) -> None:
+        """Start Triton (under a process guard) and wait until it is ready; ``cancel`` set while
+        waiting stops it and raises :class:`TritonStartError`."""
         dist = find_distribution()
         for label, port in (
             ("HTTP", self.http_port),
             ("gRPC", self.grpc_port),
             ("metrics", self.metrics_port),
         ):
-            if not port_is_free(port):
+            if not port_is_free(port, self.address or "0.0.0.0"):
                 raise TritonStartError(f"Triton {label} port {port} is already in use")
         backends = prepare_backend_dir(self.work_dir, dist)
         env = os.environ.copy()
@@ -176,15 +205,13 @@ class TritonServer:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = Path(self.work_dir) / f"tritonserver-{self.grpc_port}.log"
         log = self.log_path.open("wb")
-        self.process = subprocess.Popen(
-            self.command(dist, backends),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
-        log.close()
-        self.wait_ready(timeout=timeout)
+        try:
+            self.process = process_guard.start(
+                self.command(dist, backends), stdout=log, stderr=subprocess.STDOUT, env=env
+            )
+        finally:
+            log.close()
+        self.wait_ready(timeout=timeout, cancel=cancel)
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
@@ -204,10 +231,13 @@ class TritonServer:
         except (urllib.error.URLError, OSError):
             return False
 
-    def wait_ready(self, *, timeout: float) -> None:
+    def wait_ready(self, *, timeout: float, cancel: threading.Event | None = None) -> None:
         assert self.process is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            if cancel is not None and cancel.is_set():
+                self.stop()
+                raise TritonStartError("start of tritonserver cancelled")
             if self.process.poll() is not None:
                 raise TritonStartError(
                     f"tritonserver exited with code {self.process.returncode}: {self.failure_summary()}"
@@ -219,12 +249,8 @@ class TritonServer:
         raise TritonStartError(f"tritonserver not ready after {timeout:.0f} s: {self.failure_summary()}")
 
     def stop(self, *, timeout: float | None = None) -> int | None:
-        """SIGTERM, wait for Triton's own graceful exit, then SIGKILL as a last resort."""
-        if self.process is None or self.process.poll() is not None:
-            return None if self.process is None else self.process.returncode
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout=timeout or self.exit_timeout_secs + 10)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            return self.process.wait()
+        """SIGTERM, wait for Triton's own graceful exit, then SIGKILL of its whole process group
+        (server and stubs) as a last resort. Returns Triton's exit code."""
+        if self.process is None:
+            return None
+        return process_guard.stop(self.process, timeout=timeout or self.exit_timeout_secs + 10)

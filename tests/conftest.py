@@ -34,12 +34,16 @@ def exported_repo(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) ->
 
 @pytest.fixture(scope="session")
 def triton(tmp_path_factory: pytest.TempPathFactory, exported_repo: Path) -> Iterator:
-    """A real tritonserver on free ports serving the exported demo model."""
+    """A real tritonserver on free ports serving the exported demo model, locked down as `sfumato up`
+    starts it (loopback; restricted protocols need ``sfumato-admin-key: <server.admin_key>``)."""
+    import secrets
+
     from sfumato.triton_server import TritonServer, free_port
 
     server = TritonServer(
         repository=exported_repo,
         work_dir=tmp_path_factory.mktemp("triton"),
+        admin_key=secrets.token_urlsafe(32),
         http_port=free_port(),
         grpc_port=free_port(),
         metrics_port=free_port(),

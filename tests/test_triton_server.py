@@ -22,6 +22,7 @@ def _server(repo: Path, work: Path, **kwargs) -> TritonServer:
     return TritonServer(
         repository=repo,
         work_dir=work,
+        admin_key="test-admin-key-0123456789abcdefghijklmnop",
         http_port=free_port(),
         grpc_port=free_port(),
         metrics_port=free_port(),

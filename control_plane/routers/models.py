@@ -38,12 +38,21 @@ async def _triton(services: Any):  # -> aio client
     return aio.InferenceServerClient(services.settings.triton_url)
 
 
+def _admin_headers(services: Any) -> dict[str, str]:
+    """Triton's restricted protocols (repository, config) demand the installation's key."""
+    from sfumato.triton_server import ADMIN_KEY_GRPC_METADATA
+
+    return {ADMIN_KEY_GRPC_METADATA: services.settings.triton_restricted_key()}
+
+
 async def _index(services: Any) -> list[ModelState]:
     from tritonclient.utils import InferenceServerException
 
     client = await _triton(services)
     try:
-        index = await client.get_model_repository_index(as_json=True, client_timeout=10)
+        index = await client.get_model_repository_index(
+            as_json=True, headers=_admin_headers(services), client_timeout=10
+        )
     except InferenceServerException as exc:
         raise ServiceUnavailableError(f"Triton at {services.settings.triton_url}: {exc.message()}") from None
     finally:
@@ -74,9 +83,9 @@ async def _control(services: Any, name: str, action: str) -> list[ModelState]:
     client = await _triton(services)
     try:
         if action == "load":
-            await client.load_model(name, client_timeout=300)
+            await client.load_model(name, headers=_admin_headers(services), client_timeout=300)
         else:
-            await client.unload_model(name, client_timeout=300)
+            await client.unload_model(name, headers=_admin_headers(services), client_timeout=300)
     except InferenceServerException as exc:
         raise UsageError(f"{action} {name}: {exc.message()}", field="name") from None
     finally:

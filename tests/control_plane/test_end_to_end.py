@@ -80,7 +80,7 @@ async def test_prefer_wait_gives_up_at_the_cap(api_factory) -> None:
 
 
 async def test_admins_control_tritons_models(api_factory, triton) -> None:
-    api = await api_factory(triton_url=triton.grpc_url)
+    api = await api_factory(triton_url=triton.grpc_url, triton_admin_key=triton.admin_key)
     admin, member = await api.user("root", role="admin"), await api.user("alice")
     assert (await api.client.get("/v1/models", headers=api.headers(member))).status_code == 403
     r = await api.client.get("/v1/models", headers=api.headers(admin))
