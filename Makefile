@@ -54,6 +54,7 @@ demo-model: $(STAMP)
 
 bench: model
 	$(PY) bench/serving.py
+	$(PY) bench/stream.py
 	$(PY) bench/control_plane.py
 
 clean:

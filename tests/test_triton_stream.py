@@ -273,3 +273,39 @@ def test_generate_command_shows_a_progress_bar_from_the_stream(triton, tmp_path:
         assert png.text["seed"] == "4" and png.text["steps"] == "7"
     assert main(["generate", RED_CIRCLE, "--grpc", triton.grpc_url, "-o", str(out), "--width", "36"]) == 2
     assert "width: 36 is not a multiple of 8" in capsys.readouterr().err
+
+
+def _readme_section() -> str:
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    return text.split("## Calling Triton directly")[1].split("\n## ")[0]
+
+
+def test_readme_examples_run_as_written(triton, tmp_path: Path, monkeypatch, capsys) -> None:
+    blocks = [b.split("```")[0] for b in _readme_section().split("```python\n")[1:]]
+    assert len(blocks) == 2, "the plain and the streaming example"
+    monkeypatch.chdir(tmp_path)
+    code = "\n".join(blocks).replace("localhost:8001", triton.grpc_url)
+    exec(compile(code, "README.md", "exec"), {})
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split(" (")[0].strip() for line in printed] == [f"step {i} of 25" for i in range(1, 26)]
+    assert sum("(preview)" in line for line in printed) == 4  # steps 5, 10, 15, 20
+    with Image.open(tmp_path / "out.png") as png:
+        expected = generate(triton.grpc_url, RED_CIRCLE, seed=42).images[0]
+        assert np.array_equal(np.asarray(png), expected)
+
+
+def test_readme_input_table_is_the_contract() -> None:
+    rows = [line for line in _readme_section().splitlines() if line.startswith("| `")]
+    table = [tuple(cell.strip().strip("`") for cell in row.split("|")[1:4]) for row in rows]
+    inputs = [r for r in table if r[1] in {"BYTES", "INT32", "INT64", "FP32", "UINT8"}]
+    expected = [
+        (
+            f.name,
+            f.datatype,
+            "["
+            + ", ".join({0: "H", 1: "W"}.get(i, str(d)) if d == -1 else str(d) for i, d in enumerate(f.shape))
+            + "]",
+        )
+        for f in contract.FIELDS
+    ]
+    assert inputs == expected
