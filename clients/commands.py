@@ -18,14 +18,18 @@ def _stream_with_progress(url: str, prompt: str, **options: Any):  # -> Generati
 
     from sfumato.clients.triton_grpc import Progress, stream_generate
 
-    result = None
-    with tqdm(desc="denoising", unit="step", file=sys.stderr, dynamic_ncols=True) as bar:
+    result, bar = None, None
+    try:
         for event in stream_generate(url, prompt, **options):
             if isinstance(event, Progress):
-                bar.total = event.total
+                if bar is None:  # opened once the total is known
+                    bar = tqdm(total=event.total, desc="denoising", unit="step", file=sys.stderr)
                 bar.update(event.step - bar.n)
             else:
                 result = event
+    finally:
+        if bar is not None:
+            bar.close()
     return result
 
 

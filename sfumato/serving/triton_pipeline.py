@@ -104,7 +104,10 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)
         self.name = config.get("name", contract.MODEL)
-        self.served = contract.model_limits(config)
+        try:
+            self.served = contract.model_limits(config)
+        except ValueError as exc:
+            raise ValueError(f"{exc}: export the model again with this version of sfumato") from None
         parameters = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         assets = Path(args["model_repository"]) / args["model_version"] / "assets"
         timeout_ms = int(parameters.get("network_timeout_ms", "120000"))
