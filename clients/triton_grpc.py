@@ -16,6 +16,7 @@ Errors are :class:`TritonCallError` subclasses from :func:`triton_error`, the on
 
 from __future__ import annotations
 
+import contextlib
 import queue
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
@@ -258,18 +259,25 @@ def stream_generate(
     """Stream one generation from ``pipeline_stream`` at ``url``: a :class:`Progress` per step,
     then the :class:`Generation`. Closing the iterator early cancels the request in Triton."""
     import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
 
     inputs = pipeline_inputs(grpcclient, stream=True, prompt=prompt, preview_every=preview_every, **options)
     responses: queue.Queue = queue.Queue()
     client = grpcclient.InferenceServerClient(url)
     finished = False
     try:
-        client.start_stream(
-            callback=lambda result, error: responses.put((result, error)),
-            stream_timeout=timeout_s,
-            headers=dict(headers or {}),
-        )
-        client.async_stream_infer(STREAM_MODEL, inputs, request_id=request_id)
+        try:
+            client.start_stream(
+                callback=lambda result, error: responses.put((result, error)),
+                stream_timeout=timeout_s,
+                headers=dict(headers or {}),
+            )
+            client.async_stream_infer(STREAM_MODEL, inputs, request_id=request_id)
+        except InferenceServerException as exc:  # the stream failed at once (its cause: the callback's)
+            finished = True
+            with contextlib.suppress(queue.Empty):
+                exc = responses.get(timeout=5)[1] or exc
+            raise triton_error(exc, url=url) from None
         while True:
             try:
                 # The stream's own deadline (stream_timeout) answers first; this is the backstop.

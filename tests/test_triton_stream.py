@@ -309,3 +309,20 @@ def test_readme_input_table_is_the_contract() -> None:
         for f in contract.FIELDS
     ]
     assert inputs == expected
+
+
+async def test_a_triton_that_is_down_is_a_transient_error_on_both_stream_apis() -> None:
+    from sfumato.clients.triton_grpc import TritonUnavailableError
+    from sfumato.triton_server import free_port
+
+    url = f"127.0.0.1:{free_port()}"  # nothing listens there
+    with pytest.raises(TritonUnavailableError) as caught:
+        await asyncio.to_thread(lambda: list(stream_generate(url, RED_CIRCLE, timeout_s=30)))
+    assert caught.value.transient and caught.value.code == "UNAVAILABLE"
+    client = aio.InferenceServerClient(url)
+    try:
+        with pytest.raises(TritonUnavailableError):
+            async with contextlib.aclosing(astream_generate(client, RED_CIRCLE, timeout_s=30)) as stream:
+                [event async for event in stream]
+    finally:
+        await client.close()
