@@ -54,7 +54,9 @@ demo-model: $(STAMP)
 
 bench: model
 	$(PY) bench/serving.py
+	$(PY) bench/stream.py
 	$(PY) bench/control_plane.py
 
 clean:
-	rm -rf $(REPO)/text_encoder $(REPO)/unet $(REPO)/vae_encoder $(REPO)/vae_decoder $(REPO)/pipeline $(MODEL_STAMP) var
+	rm -rf $(REPO)/text_encoder $(REPO)/unet $(REPO)/vae_encoder $(REPO)/vae_decoder $(REPO)/pipeline \
+		$(REPO)/pipeline_stream $(MODEL_STAMP) var

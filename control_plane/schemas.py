@@ -3,57 +3,116 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    create_model,
+    field_validator,
+)
 
-from sfumato.serving.request import MAX_SEED
-from sfumato.serving.schedulers import SCHEDULERS
+from sfumato.serving import contract
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
-SchedulerName = Literal["ddim", "euler", "euler_a", "dpmpp_2m"]
-assert set(SCHEDULERS) == {"ddim", "euler", "euler_a", "dpmpp_2m"}
+SchedulerName = Literal[contract.BY_NAME["scheduler"].choices]  # type: ignore[valid-type]
 
-GENERATION_EXAMPLE = {
-    "prompt": "a red circle on a white background",
-    "num_images": 2,
-    "steps": 25,
-    "guidance_scale": 5.0,
-    "seed": 42,
-}
+GENERATION_EXAMPLE = contract.EXAMPLE
 
 
-class GenerationCreate(BaseModel):
+# --------------------------------------------------------------------------- GenerationCreate
+# Derived from the generation contract (sfumato.serving.contract), the one declaration of the
+# fields: the same names, bounds (resolved against contract.ENVELOPE, the most any served model
+# may accept), descriptions and examples. Each field runs the contract's own check after
+# pydantic's, so the schema accepts exactly what the pipeline accepts; the served model's own
+# limits (size range, ...) are checked at submission with contract.model_limits / check_request.
+
+
+def _contract_check(field: contract.Field):  # -> the AfterValidator function
+    def check(value: Any) -> Any:
+        try:
+            return contract.check_field(field, value, contract.ENVELOPE)
+        except contract.InvalidRequest as exc:
+            raise ValueError(exc.message) from None
+
+    return check
+
+
+def _normalize(value: Any) -> Any:
+    return value.strip().lower() if isinstance(value, str) else value
+
+
+def _rest_field(field: contract.Field) -> tuple[Any, Any]:
+    """``(annotation, FieldInfo)`` of one contract field in the REST body."""
+    low, high = field.bounds(contract.ENVELOPE)
+    constraints: dict[str, Any] = {}
+    validators: list[Any] = []
+    if field.is_array:
+        annotation: Any = str  # base64 PNG/JPEG, decoded at submission
+    elif field.python_type is str:
+        annotation = Literal[field.choices] if field.choices else str  # type: ignore[valid-type]
+        if field.normalize:
+            validators.append(BeforeValidator(_normalize))
+        constraints["max_length"] = field.bound(field.max_length, contract.ENVELOPE)
+        if field.required:
+            constraints["min_length"] = 1
+    else:
+        annotation = field.python_type
+        constraints["gt" if field.exclusive_minimum else "ge"] = low
+        constraints["le"] = high
+        constraints["multiple_of"] = field.bound(field.multiple_of, contract.ENVELOPE)
+        if field.python_type is float:
+            constraints["allow_inf_nan"] = False
+    if not field.is_array:
+        validators.append(AfterValidator(_contract_check(field)))
+    numeric_default = field.default if isinstance(field.default, int | float) else None
+    if field.required:
+        default: Any = ...
+    else:
+        default = numeric_default
+        if default is None:
+            annotation = annotation | None
+    description = f"{field.description}: {field.rest_form}" if field.rest_form else field.description
+    info = Field(
+        default=default,
+        description=description,
+        examples=None if field.example is None else [field.example],
+        **{k: v for k, v in constraints.items() if v is not None},
+    )
+    return (Annotated[annotation, *validators] if validators else annotation), info
+
+
+class _GenerationBody(BaseModel):
     """A text-to-image (or img2img / inpainting) request. Unset fields take the model's defaults."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [GENERATION_EXAMPLE]})
 
-    prompt: str = Field(min_length=1, max_length=2000, description="what to draw")
-    negative_prompt: str | None = Field(default=None, max_length=2000)
-    num_images: int = Field(default=1, ge=1, le=8)
-    steps: int | None = Field(default=None, ge=1, le=150)
-    guidance_scale: float | None = Field(default=None, ge=0.0, le=50.0, allow_inf_nan=False)
-    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
-    width: int | None = Field(default=None, ge=8, le=4096)
-    height: int | None = Field(default=None, ge=8, le=4096)
-    scheduler: SchedulerName | None = None
-    image: str | None = Field(default=None, description="img2img / inpainting source: base64 PNG or JPEG")
-    mask: str | None = Field(default=None, description="inpainting mask: base64 PNG, white = repaint")
-    strength: float | None = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
-
-    @field_validator("prompt")
+    @field_validator("mask", "strength", check_fields=False)
     @classmethod
-    def _not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("must not be blank")
+    def _goes_with(cls, value: Any, info: ValidationInfo) -> Any:
+        """The contract's rules on which fields go together (strength and mask need an image)."""
+        if value is None:
+            return value
+        present = {name for name, given in info.data.items() if given is not None} | {info.field_name}
+        try:
+            contract.check_presence(present)
+        except contract.InvalidRequest as exc:
+            if exc.field == info.field_name:
+                raise ValueError(exc.message) from None
         return value
 
-    @field_validator("width", "height")
-    @classmethod
-    def _multiple_of_8(cls, value: int | None) -> int | None:
-        if value is not None and value % 8:
-            raise ValueError(f"{value} is not a multiple of 8")
-        return value
+
+GenerationCreate = create_model(
+    "GenerationCreate",
+    __base__=_GenerationBody,
+    __doc__=_GenerationBody.__doc__,
+    __module__=__name__,
+    **{f.name: _rest_field(f) for f in contract.GENERATION_FIELDS},
+)
 
 
 class ImageOut(BaseModel):

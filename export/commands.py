@@ -22,6 +22,7 @@ def _export(args: argparse.Namespace) -> int:
         intra_op_threads=args.intra_op_threads,
         configs_only=args.configs_only,
         pipeline_instances=args.pipeline_instances,
+        stream_instances=args.stream_instances,
         default_steps=args.default_steps,
         default_guidance=args.default_guidance,
         default_scheduler=args.default_scheduler,
@@ -75,6 +76,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=16,
         help="pipeline model instances = requests in flight at once (default: %(default)s)",
+    )
+    ex.add_argument(
+        "--stream-instances",
+        type=int,
+        help="pipeline_stream (the streaming twin) instances (default: as many as --pipeline-instances)",
     )
     ex.add_argument("--default-steps", type=int, default=25, help="steps when a request names none")
     ex.add_argument("--default-guidance", type=float, default=7.5, help="guidance when a request names none")

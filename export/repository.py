@@ -23,6 +23,8 @@ from sfumato.errors import ParityError, UsageError
 from sfumato.export import triton_config as tc
 from sfumato.export.networks import NETWORKS, NetworkSpec, file_sha256, network_specs
 from sfumato.export.source import SourceInfo, inspect_source
+from sfumato.serving import contract
+from sfumato.serving.contract import ModelContract
 
 Target = Literal["cpu", "onnxruntime", "tensorrt"]
 Precision = Literal["fp32", "fp16"]
@@ -30,7 +32,7 @@ TARGETS: tuple[str, ...] = ("cpu", "onnxruntime", "tensorrt")
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16")
 FP32_TOLERANCE = 1e-4  # max abs error relative to the output's max abs value
 MANIFEST = "export_manifest.json"
-MODELS = (*NETWORKS, "pipeline")
+MODELS = (*NETWORKS, "pipeline", "pipeline_stream")
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +55,7 @@ class ExportOptions:
     configs_only: bool = False
     tolerance: float = FP32_TOLERANCE
     pipeline_instances: int = 16
+    stream_instances: int | None = None  # pipeline_stream instances; None: as many as pipeline
     dynamic_batching: bool = True  # off: each request runs alone (for comparison only)
     default_steps: int = 25
     default_guidance: float = 7.5
@@ -95,6 +98,12 @@ def _check_options(options: ExportOptions, info: SourceInfo) -> list[tuple[int, 
         raise UsageError(f"--instance-count must be at least 1, got {options.instance_count}")
     if options.intra_op_threads < 0:
         raise UsageError(f"--intra-op-threads must be 0 (all cores) or more, got {options.intra_op_threads}")
+    for flag, count in (
+        ("--pipeline-instances", options.pipeline_instances),
+        ("--stream-instances", options.stream_instances),
+    ):
+        if count is not None and count < 1:
+            raise UsageError(f"{flag} must be at least 1, got {count}")
     if options.max_batch_size < 1:
         raise UsageError(f"--max-batch-size must be at least 1, got {options.max_batch_size}")
     sizes = list(options.image_sizes) or [info.native_size]
@@ -207,29 +216,34 @@ def serving_range(sizes: list[tuple[int, int]], info: SourceInfo, *, explicit: b
     return low, max(info.native_size) * 2
 
 
-def pipeline_config(options: ExportOptions) -> tc.ModelConfig:
-    """The ``pipeline`` model: per-request inputs (no batch axis); its instances run concurrently."""
-    from sfumato.serving import contract
-
-    inputs = [
-        tc.Tensor(name, contract.config_type(dt), (1,), optional=name != "prompt")
-        for name, dt in contract.SCALAR_INPUTS.items()
-    ]
-    inputs += [
-        tc.Tensor(name, contract.config_type(dt), dims, optional=True)
-        for name, (dt, dims) in contract.ARRAY_INPUTS.items()
-    ]
+def pipeline_config(options: ExportOptions, *, served: ModelContract, stream: bool = False) -> tc.ModelConfig:
+    """``pipeline`` or its decoupled twin ``pipeline_stream``: the contract's inputs (per request,
+    no batch axis), its instances running concurrently, the model's limits and defaults
+    published in ``parameters`` (the model enforces them; the control plane reads them)."""
+    inputs = tuple(
+        tc.Tensor(f.name, f.config_type, f.shape, optional=not f.required)
+        for f in contract.input_fields(stream=stream)
+    )
     outputs = tuple(
-        tc.Tensor(name, contract.config_type(dt), dims) for name, (dt, dims) in contract.OUTPUTS.items()
+        tc.Tensor(o.name, o.config_type, o.shape)
+        for o in (contract.STREAM_OUTPUTS if stream else contract.OUTPUTS)
+    )
+    instances = (
+        (options.stream_instances or options.pipeline_instances) if stream else options.pipeline_instances
     )
     return tc.ModelConfig(
-        name=contract.MODEL,
+        name=contract.STREAM_MODEL if stream else contract.MODEL,
         backend="python",
         max_batch_size=0,
-        inputs=tuple(inputs),
+        inputs=inputs,
         outputs=outputs,
-        instance_groups=(tc.InstanceGroup("KIND_CPU", options.pipeline_instances),),
-        parameters={"sfumato_version": __version__, "network_timeout_ms": "120000"},
+        instance_groups=(tc.InstanceGroup("KIND_CPU", instances),),
+        parameters={
+            "sfumato_version": __version__,
+            "network_timeout_ms": "120000",
+            **contract.config_parameters(served.limits, served.defaults),
+        },
+        decoupled=stream,
     )
 
 
@@ -241,11 +255,51 @@ __all__ = ["TritonPythonModel"]
 '''
 
 
-def write_pipeline_model(
-    target: Path, *, info: SourceInfo, options: ExportOptions, sizes: list[tuple[int, int]]
-) -> None:
-    """``pipeline/``: config, the model.py shim, the tokenizer and ``pipeline.json``."""
+def served_contract(
+    *, info: SourceInfo, options: ExportOptions, sizes: list[tuple[int, int]]
+) -> ModelContract:
+    """The limits and defaults the exported model serves with."""
     from sfumato.serving.schedulers import SCHEDULERS, scheduler_for
+
+    scheduler = (
+        options.default_scheduler
+        or scheduler_for(str(info.scheduler_config.get("_class_name")))
+        or "dpmpp_2m"
+    )
+    if scheduler not in SCHEDULERS:
+        raise UsageError(f"--default-scheduler {scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
+    low, high = serving_range(sizes, info, explicit=bool(options.image_sizes))
+    limits = contract.Limits(min_size=low, max_size=high, size_multiple=info.pixel_multiple)
+    try:
+        contract.check_limits_within_envelope(limits)
+    except ValueError as exc:
+        raise UsageError(f"this model cannot be served: {exc}") from None
+    height, width = info.native_size
+    defaults = contract.Defaults(
+        width=min(max(width, low), high),
+        height=min(max(height, low), high),
+        steps=options.default_steps,
+        guidance_scale=options.default_guidance,
+        scheduler=scheduler,
+    )
+    for name, value in (("steps", defaults.steps), ("guidance_scale", defaults.guidance_scale)):
+        try:
+            contract.check_field(contract.BY_NAME[name], value, limits)
+        except contract.InvalidRequest as exc:
+            raise UsageError(f"--default-{name.split('_')[0]}: {exc}") from None
+    return ModelContract(limits=limits, defaults=defaults)
+
+
+def write_pipeline_model(
+    target: Path,
+    *,
+    info: SourceInfo,
+    options: ExportOptions,
+    served: ModelContract,
+    stream: bool = False,
+) -> None:
+    """``pipeline/`` or ``pipeline_stream/``: config, the model.py shim, the tokenizer and
+    ``pipeline.json`` (the same files for both; the config says which model it is)."""
     from sfumato.serving.tokenizer import write_serving_tokenizer
 
     assets = target / "1" / "assets"
@@ -256,33 +310,16 @@ def write_pipeline_model(
             f"{info.path}: the tokenizer pads to {length} tokens "
             f"but the text encoder takes {info.text_length}"
         )
-    scheduler = (
-        options.default_scheduler
-        or scheduler_for(str(info.scheduler_config.get("_class_name")))
-        or "dpmpp_2m"
-    )
-    if scheduler not in SCHEDULERS:
-        raise UsageError(f"--default-scheduler {scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
-    low, high = serving_range(sizes, info, explicit=bool(options.image_sizes))
-    height, width = info.native_size
     spec = {
         "model_name": info.path.name,
         "scaling_factor": info.scaling_factor,
         "latent_channels": info.latent_channels,
         "vae_scale_factor": info.vae_scale_factor,
         "scheduler_config": info.scheduler_config,
-        "limits": {"min_size": low, "max_size": high, "size_multiple": info.pixel_multiple},
-        "defaults": {
-            "width": min(max(width, low), high),
-            "height": min(max(height, low), high),
-            "steps": options.default_steps,
-            "guidance_scale": options.default_guidance,
-            "scheduler": scheduler,
-        },
     }
     (assets / "pipeline.json").write_text(json.dumps(spec, indent=2) + "\n")
     (target / "1" / "model.py").write_text(PIPELINE_MODEL_PY)
-    text = pipeline_config(options).to_pbtxt()
+    text = pipeline_config(options, served=served, stream=stream).to_pbtxt()
     tc.parse_pbtxt(text)
     (target / "config.pbtxt").write_text(text)
 
@@ -295,6 +332,7 @@ def export_model_repository(src: Path, out: Path, options: ExportOptions) -> Exp
     """Export every network of ``src`` into the Triton model repository ``out``."""
     info = inspect_source(Path(src))
     sizes = _check_options(options, info)
+    served = served_contract(info=info, options=options, sizes=sizes)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".sfumato-export-", dir=out.parent))
@@ -362,7 +400,8 @@ def export_model_repository(src: Path, out: Path, options: ExportOptions) -> Exp
             shutil.rmtree(staging / "_onnx")
         elif options.target == "tensorrt":
             _log("--configs-only: writing configs without engines; build them with TensorRT before serving")
-        write_pipeline_model(staging / "pipeline", info=info, options=options, sizes=sizes)
+        for name, stream in ((contract.MODEL, False), (contract.STREAM_MODEL, True)):
+            write_pipeline_model(staging / name, info=info, options=options, served=served, stream=stream)
         for name in NETWORKS:
             config = network_config(specs[name], options=options, info=info, sizes=sizes)
             text = config.to_pbtxt()

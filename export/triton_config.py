@@ -79,6 +79,8 @@ class ModelConfig:
     parameters: dict[str, str] = field(default_factory=dict)
     warmup: tuple[Warmup, ...] = ()
     tensorrt_accelerator: Literal["FP32", "FP16"] | None = None  # onnxruntime backend + TRT EP
+    # Decoupled: any number of responses per request (streaming gRPC only), ended by a final flag.
+    decoupled: bool = False
 
     def to_proto(self) -> pb.ModelConfig:
         config = pb.ModelConfig(name=self.name, max_batch_size=self.max_batch_size)
@@ -109,6 +111,8 @@ class ModelConfig:
                 policy.max_queue_size = batching.queue_policy.max_queue_size
         for group in self.instance_groups:
             config.instance_group.add(kind=pb.ModelInstanceGroup.Kind.Value(group.kind), count=group.count)
+        if self.decoupled:
+            config.model_transaction_policy.decoupled = True
         for key, value in self.parameters.items():
             config.parameters[key].string_value = value
         for warm in self.warmup:

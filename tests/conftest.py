@@ -27,7 +27,9 @@ def exported_repo(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) ->
 
     out = tmp_path_factory.mktemp("export") / "model_repository"
     export_model_repository(
-        demo_model, out, ExportOptions(target="cpu", default_guidance=5.0, pipeline_instances=8)
+        demo_model,
+        out,
+        ExportOptions(target="cpu", default_guidance=5.0, pipeline_instances=8, stream_instances=4),
     )
     return out
 

@@ -10,13 +10,15 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+from google.protobuf.json_format import MessageToDict
 
 from sfumato.cli import main
 from sfumato.export.networks import NETWORKS
 from sfumato.export.repository import ExportOptions, export_model_repository
 from sfumato.export.triton_config import parse_pbtxt
+from sfumato.serving.contract import model_limits
 
-MODELS = (*NETWORKS, "pipeline")
+MODELS = (*NETWORKS, "pipeline", "pipeline_stream")
 
 
 def test_cpu_export_writes_every_model_with_parity(exported_repo: Path) -> None:
@@ -42,8 +44,10 @@ def test_every_config_parses_as_triton_model_config(exported_repo: Path) -> None
     for name in MODELS:
         config = parse_pbtxt((exported_repo / name / "config.pbtxt").read_text())
         assert config.name == name
-        if name == "pipeline":
-            assert config.max_batch_size == 0 and config.instance_group[0].count == 8
+        if name.startswith("pipeline"):
+            count = 8 if name == "pipeline" else 4
+            assert config.max_batch_size == 0 and config.instance_group[0].count == count
+            assert config.model_transaction_policy.decoupled is (name == "pipeline_stream")
             continue
         assert config.max_batch_size > 0
         assert config.HasField("dynamic_batching")
@@ -87,8 +91,8 @@ def test_gpu_target_configs(tmp_path: Path, demo_model: Path, target: str) -> No
         i for i in parse_pbtxt((out / "unet" / "config.pbtxt").read_text()).input if i.name == "timestep"
     )
     assert list(timestep.dims) == [1] and timestep.HasField("reshape")
-    spec = json.loads((out / "pipeline" / "1" / "assets" / "pipeline.json").read_text())
-    assert (spec["limits"]["min_size"], spec["limits"]["max_size"]) == (32, 64)
+    served = model_limits(MessageToDict(parse_pbtxt((out / "pipeline" / "config.pbtxt").read_text())))
+    assert (served.limits.min_size, served.limits.max_size) == (32, 64)
 
 
 def test_tensorrt_without_tensorrt_is_a_clear_error(

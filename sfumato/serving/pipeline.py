@@ -11,6 +11,15 @@ From it, in this order: the initial latent noise (``standard_normal``, float32, 
 for img2img and inpainting, then the VAE posterior sample's noise; for ancestral schedulers,
 then each step's noise. No other request's draws touch it, so results do not depend on what
 else is in flight.
+
+Progress: ``on_step`` is called after every denoising step with a :class:`Progress`; with
+``preview_every = k`` every k-th step (but the last, which the images follow) also carries a
+preview: the scheduler's current prediction of the clean latents (``pred_original_sample``,
+blended with the known latents outside an inpainting mask) through the VAE decoder, at the
+request's size. The decoder is exact for any exported model and already served and batched by
+Triton; a latent-to-RGB linear map would be cheaper but is model-specific (SD 1.x's published
+coefficients do not fit other VAEs). A preview draws no random numbers, so the images are the
+same with or without previews.
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ from typing import Protocol
 
 import numpy as np
 
-from sfumato.serving.request import MAX_SEED, Defaults, GenerationRequest, Limits
+from sfumato.serving.request import MAX_SEED, GenerationRequest
 from sfumato.serving.schedulers import make_scheduler
 from sfumato.serving.tokenizer import PromptTokenizer
 
@@ -49,14 +58,13 @@ class Cancelled(Exception):
 
 @dataclass(frozen=True, slots=True)
 class PipelineSpec:
-    """What the pipeline needs to know about the exported model (``pipeline.json``)."""
+    """What the pipeline needs to know about the exported model (``pipeline.json``). The
+    model's limits and defaults are in its ``config.pbtxt`` (``contract.model_limits``)."""
 
     scaling_factor: float
     latent_channels: int
     vae_scale_factor: int
     scheduler_config: dict
-    limits: Limits
-    defaults: Defaults
     model_name: str = ""
 
     @classmethod
@@ -67,8 +75,6 @@ class PipelineSpec:
             latent_channels=int(data["latent_channels"]),
             vae_scale_factor=int(data["vae_scale_factor"]),
             scheduler_config=dict(data["scheduler_config"]),
-            limits=Limits(**data["limits"]),
-            defaults=Defaults(**data["defaults"]),
             model_name=str(data.get("model_name", "")),
         )
 
@@ -77,6 +83,20 @@ class PipelineSpec:
 class GenerationResult:
     images: np.ndarray  # uint8 [N, H, W, 3]
     seeds: np.ndarray  # int64 [N]
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """One denoising step done: ``step`` of ``total`` (img2img runs ``int(steps * strength)``)."""
+
+    step: int
+    total: int
+    preview: np.ndarray | None = None  # uint8 [N, H, W, 3], on preview steps only
+
+
+def preview_due(step: int, total: int, every: int) -> bool:
+    """Whether step ``step`` (1-based) of ``total`` carries a preview: every ``every``-th, not the last."""
+    return every > 0 and step % every == 0 and step < total
 
 
 def image_seeds(seed: int | None, count: int) -> np.ndarray:
@@ -140,8 +160,11 @@ class DiffusionPipeline:
         *,
         latents: np.ndarray | None = None,
         cancelled: Callable[[], bool] = lambda: False,
+        on_step: Callable[[Progress], None] | None = None,
+        preview_every: int = 0,
     ) -> GenerationResult:
-        """Run one request. ``latents`` overrides the seeded initial noise (txt2img; for parity tests)."""
+        """Run one request. ``latents`` overrides the seeded initial noise (txt2img; for parity
+        tests). ``cancelled`` is asked before each step; ``on_step`` hears of each step done."""
         spec = self.spec
         n = request.num_images
         h, w = request.height // spec.vae_scale_factor, request.width // spec.vae_scale_factor
@@ -177,7 +200,7 @@ class DiffusionPipeline:
 
         for i, t in enumerate(timesteps):
             if cancelled():
-                raise Cancelled("request cancelled by the client")
+                raise Cancelled(f"request cancelled by the client after step {i} of {len(timesteps)}")
             model_in = np.concatenate([sample, sample]) if guided else sample
             model_in = scheduler.scale_model_input(model_in, t).astype(np.float32)
             t_rows = np.full((model_in.shape[0],), t, dtype=np.float32)
@@ -195,6 +218,18 @@ class DiffusionPipeline:
                 else:
                     background = known
                 sample = background * (1.0 - latent_mask) + sample * latent_mask
+            if on_step is not None:
+                preview = None
+                if preview_due(i + 1, len(timesteps), preview_every):
+                    estimate = scheduler.pred_original_sample
+                    if latent_mask is not None and known is not None:
+                        estimate = known * (1.0 - latent_mask) + estimate * latent_mask
+                    preview = self.decode(estimate)
+                on_step(Progress(step=i + 1, total=len(timesteps), preview=preview))
 
-        decoded = self.networks.vae_decoder((sample / np.float32(spec.scaling_factor)).astype(np.float32))
-        return GenerationResult(images=to_uint8(decoded), seeds=seeds)
+        return GenerationResult(images=self.decode(sample), seeds=seeds)
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """Latents ``[N, C, h, w]`` -> ``uint8 [N, H, W, 3]`` through the VAE decoder."""
+        scaled = (latents / np.float32(self.spec.scaling_factor)).astype(np.float32)
+        return to_uint8(self.networks.vae_decoder(scaled))

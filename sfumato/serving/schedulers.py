@@ -168,6 +168,9 @@ class Scheduler(ABC):
         self.alphas_cumprod = _alphas_cumprod(self.config)
         self.num_inference_steps: int | None = None
         self.timesteps = np.empty(0, dtype=np.float32)
+        #: The last step's prediction of the clean sample (diffusers' ``pred_original_sample``):
+        #: what a preview decodes. Reading it changes nothing in the run.
+        self.pred_original_sample: np.ndarray | None = None
 
     @property
     def init_noise_sigma(self) -> float:
@@ -300,6 +303,7 @@ class DDIM(Scheduler):
             limit = self.config["clip_sample_range"]
             pred_original_sample = np.clip(pred_original_sample, -limit, limit)
 
+        self.pred_original_sample = pred_original_sample
         # eta = 0: no variance term, so the direction to x_t uses all of 1 - alpha_prod_t_prev.
         pred_sample_direction = _sqrt(1 - alpha_prod_t_prev) * pred_epsilon
         return _sqrt(alpha_prod_t_prev) * pred_original_sample + pred_sample_direction
@@ -436,7 +440,8 @@ class Euler(_SigmaScheduler):
         model_output = np.asarray(model_output, dtype=np.float32)
         sample = np.asarray(sample, dtype=np.float32)
         sigma = _at(self.sigmas, index)  # == diffusers' sigma_hat, as gamma = 0 without s_churn
-        derivative = (sample - self._pred_original_sample(model_output, sample, sigma)) / sigma
+        self.pred_original_sample = self._pred_original_sample(model_output, sample, sigma)
+        derivative = (sample - self.pred_original_sample) / sigma
         dt = _at(self.sigmas, index + 1) - sigma
         self._step_index = index + 1
         return sample + derivative * dt
@@ -484,7 +489,8 @@ class EulerAncestral(Euler):
         sigma_up = _sqrt(sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2)
         sigma_down = _sqrt(sigma_to**2 - sigma_up**2)
 
-        derivative = (sample - self._pred_original_sample(model_output, sample, sigma_from)) / sigma_from
+        self.pred_original_sample = self._pred_original_sample(model_output, sample, sigma_from)
+        derivative = (sample - self.pred_original_sample) / sigma_from
         prev_sample = sample + derivative * (sigma_down - sigma_from)
         self._step_index = index + 1
         return prev_sample + np.asarray(noise, dtype=np.float32) * sigma_up
@@ -617,7 +623,7 @@ class DPMPlusPlus2M(_SigmaScheduler):
                 - (alpha_t * (_exp(-h) - 1.0)) * x0
                 - 0.5 * (alpha_t * (_exp(-h) - 1.0)) * d1
             )
-        self._previous_x0 = x0
+        self._previous_x0 = self.pred_original_sample = x0
         self._step_index = index + 1
         return prev_sample
 

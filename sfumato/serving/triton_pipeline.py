@@ -1,16 +1,22 @@
-"""The Triton ``pipeline`` model (python backend): prompt in, ``uint8`` images out.
+"""The Triton ``pipeline`` and ``pipeline_stream`` models (python backend): prompt in, ``uint8``
+images out.
 
-``sfumato export`` writes ``pipeline/1/model.py`` as a one-line import of
-:class:`TritonPythonModel` from here, so the model in the repository and the tested code are
-the same file. The networks are called through BLS (``pb_utils.InferenceRequest(...).exec()``)
-as separate Triton models, so their dynamic batchers batch the rows of every request in
-flight; several pipeline instances (``instance_group``) keep that many requests in flight.
+``sfumato export`` writes both models' ``model.py`` as the same one-line import of
+:class:`TritonPythonModel` from here, so the models in the repository and the tested code are
+the same file; the model reads its config to know which one it is. The networks are called
+through BLS (``pb_utils.InferenceRequest(...).exec()``) as separate Triton models, so their
+dynamic batchers batch the rows of every request in flight, whichever of the two models sent
+them; several instances of each (``instance_group``) keep that many requests in flight.
 
-Contract (inputs ``[1]`` per request unless noted; all optional but ``prompt``):
-``prompt`` BYTES, ``negative_prompt`` BYTES, ``num_images`` INT32, ``steps`` INT32,
-``guidance_scale`` FP32, ``seed`` INT64, ``width`` INT32, ``height`` INT32, ``scheduler`` BYTES,
-``image`` UINT8 ``[H, W, 3]``, ``mask`` UINT8 ``[H, W]`` (255 = repaint), ``strength`` FP32.
-Outputs: ``images`` UINT8 ``[N, H, W, 3]``, ``seeds`` INT64 ``[N]``.
+* ``pipeline`` is a plain model: one response per request, ``images`` and ``seeds``.
+* ``pipeline_stream`` is decoupled (``model_transaction_policy { decoupled: true }``; Triton
+  serves it over streaming gRPC only): one response per denoising step with ``step`` and
+  ``total`` (and ``preview`` every ``preview_every`` steps when asked), then ``images`` and
+  ``seeds`` with the final flag. Cancelling the stream stops the loop at the next step.
+
+Inputs are the contract's fields (``sfumato.serving.contract``); the model's limits and
+defaults are read from its own config ``parameters``, the ones the control plane reads. A bad
+field, a missing ``prompt`` included, is an ``INVALID_ARGUMENT`` error naming it.
 """
 
 from __future__ import annotations
@@ -23,8 +29,9 @@ from typing import Any
 import numpy as np
 
 from sfumato.serving import contract
-from sfumato.serving.pipeline import Cancelled, DiffusionPipeline
-from sfumato.serving.request import InvalidRequest, build_request
+from sfumato.serving.contract import InvalidRequest
+from sfumato.serving.pipeline import Cancelled, DiffusionPipeline, Progress
+from sfumato.serving.request import GenerationRequest, build_request
 
 
 class NetworkError(RuntimeError):
@@ -95,6 +102,12 @@ class TritonPythonModel:
         self.pb = pb_utils
         self.logger = pb_utils.Logger
         config = json.loads(args["model_config"])
+        self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)
+        self.name = config.get("name", contract.MODEL)
+        try:
+            self.served = contract.model_limits(config)
+        except ValueError as exc:
+            raise ValueError(f"{exc}: export the model again with this version of sfumato") from None
         parameters = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         assets = Path(args["model_repository"]) / args["model_version"] / "assets"
         timeout_ms = int(parameters.get("network_timeout_ms", "120000"))
@@ -102,48 +115,86 @@ class TritonPythonModel:
             assets, networks=BlsNetworks(pb_utils, timeout_ms=timeout_ms)
         )
 
-    def _parse(self, request: Any):
+    def _parse(self, request: Any) -> tuple[GenerationRequest, int]:
         fields: dict[str, Any] = {}
-        for name, datatype in contract.SCALAR_INPUTS.items():
-            tensor = self.pb.get_input_tensor_by_name(request, name)
-            if tensor is not None:
-                fields[name] = _scalar(tensor.as_numpy(), contract.python_type(datatype), name)
-        for name in contract.ARRAY_INPUTS:
-            tensor = self.pb.get_input_tensor_by_name(request, name)
-            if tensor is not None:
-                fields[name] = tensor.as_numpy()
-        spec = self.pipeline.spec
-        return build_request(limits=spec.limits, defaults=spec.defaults, **fields)
+        for field in contract.input_fields(stream=self.decoupled):
+            tensor = self.pb.get_input_tensor_by_name(request, field.name)
+            if tensor is None:
+                continue
+            array = tensor.as_numpy()
+            fields[field.name] = array if field.is_array else _scalar(array, field.python_type, field.name)
+        limits, defaults = self.served.limits, self.served.defaults
+        preview_every = contract.check_field(
+            contract.BY_NAME["preview_every"], fields.pop("preview_every", None), limits
+        )
+        return build_request(limits=limits, defaults=defaults, **fields), preview_every or 0
 
-    def execute(self, requests: list) -> list:
+    def _error(self, exc: Exception, request: Any) -> Any:
+        """The error for a failed request. Its message starts with the status in words
+        (``invalid argument:``, ``cancelled:``, ``unavailable:``, ``internal error:``): a
+        response on a gRPC stream carries the message only, and the client reads it back
+        (``sfumato.clients.triton_grpc.triton_error``)."""
+        pb = self.pb
+        if isinstance(exc, InvalidRequest):
+            return pb.TritonError(f"invalid argument: {exc}", pb.TritonError.INVALID_ARG)
+        if isinstance(exc, Cancelled):
+            self.logger.log_info(f"{self.name}: request {request.request_id()!r}: {exc}")
+            return pb.TritonError(f"cancelled: {exc}", pb.TritonError.CANCELLED)
+        if isinstance(exc, NetworkError):
+            self.logger.log_error(f"{self.name}: {exc}")
+            return pb.TritonError(f"unavailable: {exc}", pb.TritonError.UNAVAILABLE)
+        # a bug: log the traceback, fail this request only
+        logging.getLogger("sfumato.pipeline").exception("%s request failed", self.name)
+        return pb.TritonError(f"internal error: {exc!r}")
+
+    def _images(self, result: Any) -> list:
+        return [self.pb.Tensor("images", result.images), self.pb.Tensor("seeds", result.seeds)]
+
+    def execute(self, requests: list) -> list | None:
+        if self.decoupled:
+            for request in requests:
+                self._stream(request)
+            return None
         pb = self.pb
         responses = []
         for request in requests:
             try:
-                generation = self._parse(request)
+                generation, _ = self._parse(request)
                 is_cancelled = getattr(request, "is_cancelled", lambda: False)
                 result = self.pipeline(generation, cancelled=is_cancelled)
-                responses.append(
-                    pb.InferenceResponse(
-                        output_tensors=[pb.Tensor("images", result.images), pb.Tensor("seeds", result.seeds)]
-                    )
-                )
-            except InvalidRequest as exc:
-                responses.append(
-                    pb.InferenceResponse(
-                        error=pb.TritonError(f"invalid argument: {exc}", pb.TritonError.INVALID_ARG)
-                    )
-                )
-            except Cancelled as exc:
-                responses.append(
-                    pb.InferenceResponse(error=pb.TritonError(str(exc), pb.TritonError.CANCELLED))
-                )
-            except NetworkError as exc:
-                self.logger.log_error(f"pipeline: {exc}")
-                responses.append(
-                    pb.InferenceResponse(error=pb.TritonError(str(exc), pb.TritonError.UNAVAILABLE))
-                )
-            except Exception as exc:  # a bug: log the traceback, fail this request only
-                logging.getLogger("sfumato.pipeline").exception("pipeline request failed")
-                responses.append(pb.InferenceResponse(error=pb.TritonError(f"internal error: {exc!r}")))
+                responses.append(pb.InferenceResponse(output_tensors=self._images(result)))
+            except Exception as exc:
+                responses.append(pb.InferenceResponse(error=self._error(exc, request)))
         return responses
+
+    def _stream(self, request: Any) -> None:
+        """``pipeline_stream``: the progress responses, then the images with the final flag."""
+        pb = self.pb
+        sender = request.get_response_sender()
+        final = pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+        def on_step(progress: Progress) -> None:
+            if sender.is_cancelled():  # send nothing more
+                raise Cancelled(
+                    f"request cancelled by the client after step {progress.step} of {progress.total}"
+                )
+            tensors = [
+                pb.Tensor("step", np.array([progress.step], dtype=np.int32)),
+                pb.Tensor("total", np.array([progress.total], dtype=np.int32)),
+            ]
+            if progress.preview is not None:
+                tensors.append(pb.Tensor("preview", progress.preview))
+            sender.send(pb.InferenceResponse(output_tensors=tensors))
+
+        try:
+            generation, preview_every = self._parse(request)
+            result = self.pipeline(
+                generation, cancelled=sender.is_cancelled, on_step=on_step, preview_every=preview_every
+            )
+            response = pb.InferenceResponse(output_tensors=self._images(result))
+        except Exception as exc:
+            response = pb.InferenceResponse(error=self._error(exc, request))
+        try:
+            sender.send(response, flags=final)
+        except Exception:  # the stream is gone (cancelled, client closed); the request ends here
+            logging.getLogger("sfumato.pipeline").info("%s: final response not delivered", self.name)

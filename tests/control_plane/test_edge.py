@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import uvicorn
+from PIL import Image
 from tritonclient.grpc import service_pb2
 from tritonclient.utils import InferenceServerException
 
@@ -469,3 +470,56 @@ def test_the_caddyfile_keeps_secrets_out_and_binds_where_told(tmp_path: Path) ->
         )
         assert adapted.returncode == 0, adapted.stderr
         assert json.loads(adapted.stdout)["apps"]["http"]["servers"]
+
+
+def test_the_readme_examples_run_as_written_through_the_edge(
+    stack: Stack, triton, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """The README's two tritonclient examples (plain, then streamed with previews), with a real
+    key, through the real edge: the stream's responses arrive after the client ends its side."""
+
+    section = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = section.split("## Calling Triton directly")[1].split("\n## ")[0]
+    blocks = [b.split("```")[0] for b in section.split("```python\n")[1:]]
+    assert len(blocks) == 2, "the plain and the streaming example"
+    user = stack.user()
+    code = "\n".join(blocks).replace("localhost:8003", stack.edge.url).replace("sfm_...", user["key"])
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {})
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split(" (")[0].strip() for line in printed] == [f"step {i} of 25" for i in range(1, 26)]
+    assert sum("(preview)" in line for line in printed) == 4  # steps 5, 10, 15, 20
+    with Image.open(tmp_path / "out.png") as png:
+        expected = generate(triton.grpc_url, "a red circle on a white background", seed=42).images[0]
+        assert np.array_equal(np.asarray(png), expected)
+
+
+def test_the_streaming_clients_pass_the_edge(stack: Stack, triton) -> None:
+    """``stream_generate`` (sync) and ``astream_generate`` (aio) end their side of the stream
+    after the request, so the edge forwards it; progress then the images come back."""
+    import asyncio
+
+    import tritonclient.grpc.aio as aio
+
+    from sfumato.clients.triton_grpc import Generation, Progress, astream_generate, stream_generate
+
+    user = stack.user()
+    events = list(stream_generate(stack.edge.url, PROMPT, steps=3, seed=5, headers=auth_headers(user["key"])))
+    assert [type(e) for e in events] == [Progress, Progress, Progress, Generation]
+    expected = generate(triton.grpc_url, PROMPT, steps=3, seed=5).images
+
+    async def aio_events() -> list:
+        client = aio.InferenceServerClient(stack.edge.url)
+        try:
+            return [
+                e
+                async for e in astream_generate(
+                    client, PROMPT, steps=3, seed=5, headers=auth_headers(user["key"])
+                )
+            ]
+        finally:
+            await client.close()
+
+    streamed = asyncio.run(aio_events())
+    assert [type(e) for e in streamed] == [Progress, Progress, Progress, Generation]
+    assert np.array_equal(events[-1].images, expected) and np.array_equal(streamed[-1].images, expected)

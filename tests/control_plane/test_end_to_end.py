@@ -87,7 +87,7 @@ async def test_admins_control_tritons_models(api_factory, triton) -> None:
     assert r.status_code == 200, r.text
     states = {m["name"]: m["state"] for m in r.json()}
     assert states == dict.fromkeys(
-        ["pipeline", "text_encoder", "unet", "vae_decoder", "vae_encoder"], "READY"
+        ["pipeline", "pipeline_stream", "text_encoder", "unet", "vae_decoder", "vae_encoder"], "READY"
     )
     assert (
         await api.client.post("/v1/models/vae_encoder/unload", headers=api.headers(member))
