@@ -107,9 +107,22 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
 
 
+# draft-ietf-httpapi-ratelimit-headers-11, on every response of a rate-limited route.
+RATE_LIMIT_HEADERS: dict[str, Any] = {
+    "RateLimit-Policy": {
+        "description": 'the quota policies this request counted against: `"requests";q=120;w=60`',
+        "schema": {"type": "string"},
+    },
+    "RateLimit": {
+        "description": 'what is left of each, and the seconds until it grows: `"requests";r=117;t=42`',
+        "schema": {"type": "string"},
+    },
+}
+
 PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {
-        "description": "The body is not readable (not UTF-8 / not JSON at all)",
+        "description": "The body is not readable (not UTF-8 / not JSON at all), or a query "
+        "parameter does not parse (a `cursor` this API did not make)",
         "content": {
             PROBLEM_JSON: {
                 "example": {
@@ -149,7 +162,11 @@ PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
         },
     },
     429: {
-        "description": "Rate limited (see Retry-After)",
+        "description": "Rate limited (see Retry-After, and the RateLimit fields)",
+        "headers": {
+            "Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}},
+            **RATE_LIMIT_HEADERS,
+        },
         "content": {
             PROBLEM_JSON: {
                 "example": {
@@ -160,6 +177,21 @@ PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
                 }
             }
         },
+    },
+}
+PROBLEM_RESPONSES[503] = {
+    "description": "Overloaded: more requests in flight than the service takes (load shedding); "
+    "retry after Retry-After",
+    "headers": {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}},
+    "content": {
+        PROBLEM_JSON: {
+            "example": {
+                "type": "about:blank",
+                "title": "Service unavailable",
+                "status": 503,
+                "detail": "overloaded: 64 requests in flight; retry after 1 s",
+            }
+        }
     },
 }
 NOT_FOUND: dict[int | str, dict[str, Any]] = {
