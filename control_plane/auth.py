@@ -105,13 +105,15 @@ async def authenticate(*, token: str, session: AsyncSession, services: Services,
     await _failure_budget_left(services, address)
     try:
         if token.startswith("sfm_"):
-            return await _from_api_key(token, session, services)
-        return await _from_token(token, session, services)
+            principal = await _from_api_key(token, session, services)
+        else:
+            principal = await _from_token(token, session, services)
     except AuthenticationError:
+        await session.commit()  # end the read transaction (nothing was written)
         await _count_failure(services, address)
         raise
-    finally:
-        await session.commit()  # end the read transaction; the route's work starts its own
+    await session.commit()  # end the read transaction; the route's work starts its own
+    return principal
 
 
 async def get_principal(
@@ -150,10 +152,10 @@ async def login(
     try:
         user = await accounts.authenticate(session=session, name=name, password=password)
     except AuthenticationError:
+        await session.commit()
         await _count_failure(services, address)
         raise
-    finally:
-        await session.commit()
+    await session.commit()
     access, _ = issue_token(
         subject=user.id,
         role=user.role,
