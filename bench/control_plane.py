@@ -8,6 +8,8 @@ saved as ``bench/results/control_plane.json``.
   the control plane's overhead (auth, job record, worker claim, image store, PNG).
 * Job submissions per second (no workers, so it is the write path alone) on SQLite and PostgreSQL.
 * ``GET /v1/generations/{id}`` p50 / p99 under a fixed request rate, on both databases.
+* Large uploads: ``/healthz`` latency while 4096² PNGs are submitted as ``image`` (1, then 4 at
+  once): the decode runs on worker threads, so the event loop keeps answering.
 * Load shedding: the same reads open-loop at rising rates (``--shed-rates``), with the in-flight
   cap (``SFUMATO_MAX_REQUESTS_IN_FLIGHT``) at its default and, side by side, with it out of the
   way: answered / shed (503) / failed per rate, p50 / p99 of the answered ones, and the rate at
@@ -251,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--shed-seconds", type=float, default=20.0, help="seconds at each rate of the ramp")
     parser.add_argument("--only-shedding", action="store_true", help="run the load-shedding ramp alone")
+    parser.add_argument("--only-uploads", action="store_true", help="run the large-upload measurement alone")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     shed_rates = [float(r) for r in args.shed_rates.split(",")]
@@ -259,8 +262,14 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
 
     results: dict[str, Any] = {"databases": {}}
-    if not args.only_shedding:
+    if not (args.only_shedding or args.only_uploads):
         results.update(full_run(args, work))
+    if not args.only_shedding:
+        results["uploads"] = uploads_run(work, side=4096)
+        print_uploads(results["uploads"])
+    if args.only_uploads:
+        (args.out / "control_plane_uploads.json").write_text(json.dumps(results, indent=2) + "\n")
+        return 0
     results["shedding"] = shedding_run(work, rates=shed_rates, seconds=args.shed_seconds)
     print_shedding(results["shedding"])
     name = "control_plane_shedding" if args.only_shedding else "control_plane"
@@ -268,6 +277,86 @@ def main(argv: list[str] | None = None) -> int:
     plot_shedding(results["shedding"], args.out / f"{name}.png")
     print(f"\nsaved {args.out / name}.json and .png")
     return 0
+
+
+def big_png(side: int) -> str:
+    """A ``side``² RGB PNG with smooth gradients (small file, every pixel to decode), base64."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    ramp = np.linspace(0, 255, side, dtype=np.uint8)
+    pixels = np.stack(np.broadcast_arrays(ramp[None, :], ramp[:, None], ramp[::-1][None, :]), axis=-1)
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+async def health_during_uploads(cp: ControlPlane, image: str, *, parallel: int) -> dict[str, Any]:
+    """``/healthz`` every 10 ms while ``parallel`` uploads of ``image`` are handled (0: the
+    baseline, the machine's own noise)."""
+    async with httpx.AsyncClient(base_url=cp.url, headers=cp.headers, timeout=300) as http:
+        pings: list[float] = []
+        done = asyncio.Event()
+
+        async def ping() -> None:
+            while not done.is_set():
+                t0 = time.perf_counter()
+                await http.get("/healthz")
+                pings.append(time.perf_counter() - t0)
+                await asyncio.sleep(0.01)
+
+        pinger = asyncio.create_task(ping())
+        await asyncio.sleep(0.3)
+        before = len(pings)
+        t0 = time.perf_counter()
+        answers = await asyncio.gather(
+            *(
+                http.post("/v1/generations", json={"prompt": "a red circle", "image": image})
+                for _ in range(parallel)
+            )
+        )
+        if not parallel:  # the baseline: the same pings, no upload
+            await asyncio.sleep(1.5)
+        upload_s = time.perf_counter() - t0
+        done.set()
+        await pinger
+    assert all(r.status_code == 202 for r in answers), [r.text[:200] for r in answers]
+    during = pings[before:]
+    return {
+        "parallel": parallel,
+        "upload_s": upload_s,
+        "healthz_during": len(during),
+        "healthz_p50_s": pct(during, 50),
+        "healthz_max_s": max(during, default=float("nan")),
+    }
+
+
+def uploads_run(work: Path, *, side: int) -> list[dict[str, Any]]:
+    data = work / f"uploads-{secrets.token_hex(3)}"
+    data.mkdir()
+    cp = ControlPlane(
+        database_url=f"sqlite+aiosqlite:///{data / 'db.sqlite'}",
+        data_dir=data,
+        triton_url="127.0.0.1:1",
+        workers=0,
+    )
+    try:
+        image = big_png(side)
+        return [asyncio.run(health_during_uploads(cp, image, parallel=n)) for n in (0, 1, 4, 0, 1, 4)]
+    finally:
+        cp.stop()
+
+
+def print_uploads(uploads: list[dict[str, Any]]) -> None:
+    print("\n/healthz while 4096x4096 PNGs are uploaded (decoded on worker threads)")
+    print(f"{'uploads':>8} {'upload s':>9} {'pings':>6} {'healthz p50 ms':>15} {'healthz max ms':>15}")
+    for u in uploads:
+        print(
+            f"{u['parallel']:>8} {u['upload_s']:>9.2f} {u['healthz_during']:>6} "
+            f"{u['healthz_p50_s'] * 1000:>15.1f} {u['healthz_max_s'] * 1000:>15.1f}"
+        )
 
 
 def pg_url(name: str) -> str:
