@@ -8,6 +8,12 @@ saved as ``bench/results/control_plane.json``.
   the control plane's overhead (auth, job record, worker claim, image store, PNG).
 * Job submissions per second (no workers, so it is the write path alone) on SQLite and PostgreSQL.
 * ``GET /v1/generations/{id}`` p50 / p99 under a fixed request rate, on both databases.
+* Large uploads: ``/healthz`` latency while 4096² PNGs are submitted as ``image`` (1, then 4 at
+  once): the decode runs on worker threads, so the event loop keeps answering.
+* Load shedding: the same reads open-loop at rising rates (``--shed-rates``), with the in-flight
+  cap (``SFUMATO_MAX_REQUESTS_IN_FLIGHT``) at its default and, side by side, with it out of the
+  way: answered / shed (503) / failed per rate, p50 / p99 of the answered ones, and the rate at
+  which shedding starts.
 """
 
 from __future__ import annotations
@@ -39,7 +45,15 @@ def pct(values: list[float], q: float) -> float:
 class ControlPlane:
     """``sfumato serve`` in a subprocess on a free port, with one API key."""
 
-    def __init__(self, *, database_url: str, data_dir: Path, triton_url: str, workers: int) -> None:
+    def __init__(
+        self,
+        *,
+        database_url: str,
+        data_dir: Path,
+        triton_url: str,
+        workers: int,
+        env: dict[str, str] | None = None,
+    ) -> None:
         from sfumato.triton_server import free_port
 
         self.port = free_port()
@@ -54,7 +68,9 @@ class ControlPlane:
             "SFUMATO_POLL_INTERVAL_S": "0.02",
             "SFUMATO_RATE_LIMIT": "1000000/minute",
             "SFUMATO_SUBMIT_RATE_LIMIT": "1000000/minute",
+            "SFUMATO_JOB_READ_RATE_LIMIT": "1000000/minute",
             "SFUMATO_MAX_QUEUED_JOBS_PER_USER": "1000000",
+            **(env or {}),
         }
         sfumato = str(Path(sys.executable).parent / "sfumato")
         subprocess.run([sfumato, "db", "upgrade"], env=self.env, check=True, capture_output=True)
@@ -147,36 +163,64 @@ async def submissions(cp: ControlPlane, *, count: int, concurrency: int) -> dict
 
 
 async def reads_at_rate(cp: ControlPlane, ids: list[str], *, rate: float, seconds: float) -> dict[str, Any]:
+    """Open-loop ``GET /v1/generations/{id}``: request i leaves at start + i / rate, whatever came
+    back. Latencies of the answered (200) reads; shed (503 + Retry-After) and failed (anything
+    else, a 60 s timeout included) counted apart. aiohttp: httpx's client, with a pool larger
+    than the server's in-flight cap, spent more CPU than the server it measured."""
+    import aiohttp
+
     latencies: list[float] = []
-    errors = 0
-    async with httpx.AsyncClient(
-        base_url=cp.url, headers=cp.headers, timeout=30, limits=httpx.Limits(max_connections=64)
+    shed_latencies: list[float] = []
+    errors = shed = 0
+    # More connections than the server's in-flight cap, so that the server, not the client's
+    # pool, decides what waits.
+    connector = aiohttp.TCPConnector(limit=2048)
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with aiohttp.ClientSession(
+        base_url=cp.url, headers=cp.headers, connector=connector, timeout=timeout
     ) as http:
 
         async def one(job_id: str) -> None:
-            nonlocal errors
+            nonlocal errors, shed
             t0 = time.perf_counter()
-            response = await http.get(f"/v1/generations/{job_id}")
-            latencies.append(time.perf_counter() - t0)
-            errors += response.status_code != 200
+            try:
+                async with http.get(f"/v1/generations/{job_id}") as response:
+                    await response.read()
+                    status, retry_after = response.status, "Retry-After" in response.headers
+            except (aiohttp.ClientError, TimeoutError):
+                errors += 1
+                return
+            elapsed = time.perf_counter() - t0
+            if status == 200:
+                latencies.append(elapsed)
+            elif status == 503 and retry_after:
+                shed += 1
+                shed_latencies.append(elapsed)
+            else:
+                errors += 1
 
         tasks = []
         start = time.perf_counter()
         n = int(rate * seconds)
-        for i in range(n):  # open loop: request i is sent at start + i / rate, whatever came back
+        for i in range(n):
             delay = start + i / rate - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
             tasks.append(asyncio.create_task(one(ids[i % len(ids)])))
+        sent_s = time.perf_counter() - start
         await asyncio.gather(*tasks)
-        achieved = n / (time.perf_counter() - start)
+    achieved = n / sent_s if sent_s > 0 else float("nan")
     return {
         "target_rate": rate,
         "achieved_rate": achieved,
         "requests": n,
+        "answered": len(latencies),
+        "shed": shed,
         "errors": errors,
         "p50_s": pct(latencies, 50),
         "p99_s": pct(latencies, 99),
+        "max_s": max(latencies, default=float("nan")),
+        "shed_p99_s": pct(shed_latencies, 99),
     }
 
 
@@ -204,12 +248,226 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--submissions", type=int, default=500)
     parser.add_argument("--rate", type=float, default=100.0, help="GET requests per second")
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument(
+        "--shed-rates", default="100,200,400,800", help="GET rates (requests/s) of the load-shedding ramp"
+    )
+    parser.add_argument("--shed-seconds", type=float, default=20.0, help="seconds at each rate of the ramp")
+    parser.add_argument("--only-shedding", action="store_true", help="run the load-shedding ramp alone")
+    parser.add_argument("--only-uploads", action="store_true", help="run the large-upload measurement alone")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    shed_rates = [float(r) for r in args.shed_rates.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
     work = ROOT / "var" / "bench-control-plane"
     work.mkdir(parents=True, exist_ok=True)
 
+    results: dict[str, Any] = {"databases": {}}
+    if not (args.only_shedding or args.only_uploads):
+        results.update(full_run(args, work))
+    if not args.only_shedding:
+        results["uploads"] = uploads_run(work, side=4096)
+        print_uploads(results["uploads"])
+    if args.only_uploads:
+        (args.out / "control_plane_uploads.json").write_text(json.dumps(results, indent=2) + "\n")
+        return 0
+    results["shedding"] = shedding_run(work, rates=shed_rates, seconds=args.shed_seconds)
+    print_shedding(results["shedding"])
+    name = "control_plane_shedding" if args.only_shedding else "control_plane"
+    (args.out / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    plot_shedding(results["shedding"], args.out / f"{name}.png")
+    print(f"\nsaved {args.out / name}.json and .png")
+    return 0
+
+
+def big_png(side: int) -> str:
+    """A ``side``² RGB PNG with smooth gradients (small file, every pixel to decode), base64."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    ramp = np.linspace(0, 255, side, dtype=np.uint8)
+    pixels = np.stack(np.broadcast_arrays(ramp[None, :], ramp[:, None], ramp[::-1][None, :]), axis=-1)
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+async def health_during_uploads(cp: ControlPlane, image: str, *, parallel: int) -> dict[str, Any]:
+    """``/healthz`` every 10 ms while ``parallel`` uploads of ``image`` are handled (0: the
+    baseline, the machine's own noise)."""
+    async with httpx.AsyncClient(base_url=cp.url, headers=cp.headers, timeout=300) as http:
+        pings: list[float] = []
+        done = asyncio.Event()
+
+        async def ping() -> None:
+            while not done.is_set():
+                t0 = time.perf_counter()
+                await http.get("/healthz")
+                pings.append(time.perf_counter() - t0)
+                await asyncio.sleep(0.01)
+
+        pinger = asyncio.create_task(ping())
+        await asyncio.sleep(0.3)
+        before = len(pings)
+        t0 = time.perf_counter()
+        answers = await asyncio.gather(
+            *(
+                http.post("/v1/generations", json={"prompt": "a red circle", "image": image})
+                for _ in range(parallel)
+            )
+        )
+        if not parallel:  # the baseline: the same pings, no upload
+            await asyncio.sleep(1.5)
+        upload_s = time.perf_counter() - t0
+        done.set()
+        await pinger
+    assert all(r.status_code == 202 for r in answers), [r.text[:200] for r in answers]
+    during = pings[before:]
+    return {
+        "parallel": parallel,
+        "upload_s": upload_s,
+        "healthz_during": len(during),
+        "healthz_p50_s": pct(during, 50),
+        "healthz_max_s": max(during, default=float("nan")),
+    }
+
+
+def uploads_run(work: Path, *, side: int) -> list[dict[str, Any]]:
+    data = work / f"uploads-{secrets.token_hex(3)}"
+    data.mkdir()
+    cp = ControlPlane(
+        database_url=f"sqlite+aiosqlite:///{data / 'db.sqlite'}",
+        data_dir=data,
+        triton_url="127.0.0.1:1",
+        workers=0,
+    )
+    try:
+        image = big_png(side)
+        return [asyncio.run(health_during_uploads(cp, image, parallel=n)) for n in (0, 1, 4, 0, 1, 4)]
+    finally:
+        cp.stop()
+
+
+def print_uploads(uploads: list[dict[str, Any]]) -> None:
+    print("\n/healthz while 4096x4096 PNGs are uploaded (decoded on worker threads)")
+    print(f"{'uploads':>8} {'upload s':>9} {'pings':>6} {'healthz p50 ms':>15} {'healthz max ms':>15}")
+    for u in uploads:
+        print(
+            f"{u['parallel']:>8} {u['upload_s']:>9.2f} {u['healthz_during']:>6} "
+            f"{u['healthz_p50_s'] * 1000:>15.1f} {u['healthz_max_s'] * 1000:>15.1f}"
+        )
+
+
+def pg_url(name: str) -> str:
+    return PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://") + f"/{name}"
+
+
+CAPS = {"default cap (64)": "64", "no cap": "1000000"}
+
+
+def shedding_run(work: Path, *, rates: list[float], seconds: float) -> dict[str, Any]:
+    """The ramp on each database against two servers, one with the in-flight cap at its default
+    and one with it out of the way, interleaved rate by rate (a shared machine's load drifts)."""
+    out: dict[str, Any] = {}
+    for label in ("sqlite", "postgresql"):
+        pg_names: list[str] = []
+        servers: dict[str, ControlPlane] = {}
+        try:
+            for cap_label, cap in CAPS.items():
+                data = work / f"{label}-shed-{cap}-{secrets.token_hex(3)}"
+                data.mkdir()
+                if label == "postgresql":
+                    pg_names.append(asyncio.run(_pg_create()))
+                url = (
+                    pg_url(pg_names[-1])
+                    if label == "postgresql"
+                    else f"sqlite+aiosqlite:///{data / 'db.sqlite'}"
+                )
+                servers[cap_label] = ControlPlane(
+                    database_url=url,
+                    data_dir=data,
+                    triton_url="127.0.0.1:1",
+                    workers=0,
+                    env={"SFUMATO_MAX_REQUESTS_IN_FLIGHT": cap},
+                )
+            ids = {
+                k: asyncio.run(submissions(cp, count=50, concurrency=4))["ids"] for k, cp in servers.items()
+            }
+            steps: dict[str, list[dict[str, Any]]] = {k: [] for k in servers}
+            for rate in rates:
+                for cap_label, cp in servers.items():
+                    print(f"{label}: {cap_label}, GET at {rate}/s ...", file=sys.stderr)
+                    steps[cap_label].append(
+                        asyncio.run(reads_at_rate(cp, ids[cap_label], rate=rate, seconds=seconds))
+                    )
+        finally:
+            for cp in servers.values():
+                cp.stop()
+            for name in pg_names:
+                asyncio.run(_pg_drop(name))
+        out[label] = {
+            cap_label: {
+                "cap": CAPS[cap_label],
+                "steps": curve,
+                "sheds_from_rate": next(
+                    (st["target_rate"] for st in curve if st["shed"] > 0.01 * st["requests"]), None
+                ),
+            }
+            for cap_label, curve in steps.items()
+        }
+    return out
+
+
+def print_shedding(shedding: dict[str, Any]) -> None:
+    print("\nLoad shedding: GET /v1/generations/{id} open-loop (answered = 200; shed = 503 + Retry-After)")
+    header = f"{'database':<11} {'in-flight cap':<17} {'rate/s':>7} {'sent/s':>7} {'answered':>8} "
+    print(header + f"{'shed':>6} {'failed':>6} {'p50 ms':>8} {'p99 ms':>9} {'max ms':>9} {'shed p99 ms':>11}")
+    for label, curves in shedding.items():
+        for cap_label, curve in curves.items():
+            for st in curve["steps"]:
+                print(
+                    f"{label:<11} {cap_label:<17} {st['target_rate']:>7.0f} {st['achieved_rate']:>7.0f} "
+                    f"{st['answered']:>8} {st['shed']:>6} {st['errors']:>6} {st['p50_s'] * 1000:>8.1f} "
+                    f"{st['p99_s'] * 1000:>9.1f} {st['max_s'] * 1000:>9.1f} {st['shed_p99_s'] * 1000:>11.1f}"
+                )
+            print(
+                f"{label:<11} {cap_label:<17} sheds from {curve['sheds_from_rate'] or 'no rate tried'} req/s"
+            )
+
+
+def plot_shedding(shedding: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (latency, shed) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, curves in shedding.items():
+        for cap_label, curve in curves.items():
+            rates = [st["target_rate"] for st in curve["steps"]]
+            latency.plot(
+                rates,
+                [st["p99_s"] * 1000 for st in curve["steps"]],
+                marker="o",
+                label=f"{label}, {cap_label}",
+            )
+            shed.plot(
+                rates,
+                [st["shed"] / max(st["requests"], 1) for st in curve["steps"]],
+                marker="o",
+                label=f"{label}, {cap_label}",
+            )
+    latency.set(xlabel="offered GET rate (requests/s)", ylabel="p99 of answered reads (ms)", yscale="log")
+    shed.set(xlabel="offered GET rate (requests/s)", ylabel="fraction shed (503)")
+    latency.legend(fontsize=7)
+    shed.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def full_run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """REST vs gRPC, submissions per second, reads at a fixed rate (as before)."""
     sys.path.insert(0, str(ROOT / "bench"))
     from serving import export_repo, start_triton
 
@@ -236,10 +494,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for label, url in (
             ("sqlite", None),
-            (
-                "postgresql",
-                PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://") + f"/{pg_name}",
-            ),
+            ("postgresql", pg_url(pg_name)),
         ):
             data = work / f"{label}-{secrets.token_hex(3)}"
             data.mkdir()
@@ -270,9 +525,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{label:<11} {d['submit']['per_s']:>9.0f} {g['achieved_rate']:>9.0f} {g['p50_s'] * 1000:>7.1f} "
             f"{g['p99_s'] * 1000:>7.1f} {g['errors']:>7}"
         )
-    (args.out / "control_plane.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\nsaved {args.out / 'control_plane.json'}")
-    return 0
+    return results
 
 
 if __name__ == "__main__":

@@ -1,8 +1,14 @@
-"""Users and API keys: plain functions with a keyword-only session (CLI and routers share them)."""
+"""Users and API keys: plain functions with a keyword-only session (CLI and routers share them).
+
+Password hashing (argon2, tens of milliseconds of CPU by design) runs in a worker thread, never on
+the event loop.
+"""
 
 from __future__ import annotations
 
-from sqlalchemy import select
+import asyncio
+
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -17,12 +23,32 @@ async def get_user_by_name(*, session: AsyncSession, name: str) -> User | None:
     return await session.scalar(select(User).where(User.name == name))
 
 
+async def get_user(*, session: AsyncSession, user_id: str) -> User:
+    user = await session.get(User, user_id)
+    if user is None:
+        raise NotFoundError(f"no user {user_id}")
+    return user
+
+
+async def list_users(*, session: AsyncSession) -> list[User]:
+    return list((await session.scalars(select(User).order_by(User.created_at))).all())
+
+
+async def list_keys(*, session: AsyncSession, user_id: str) -> list[ApiKey]:
+    return list(
+        (
+            await session.scalars(select(ApiKey).where(ApiKey.user_id == user_id).order_by(ApiKey.created_at))
+        ).all()
+    )
+
+
 async def create_user(
     *, session: AsyncSession, name: str, role: str = "member", password: str | None = None
 ) -> User:
     if role not in ROLES:
         raise UsageError(f"role: must be one of {', '.join(ROLES)}", field="role")
-    user = User(name=name, role=role, password_hash=hash_password(password) if password else None)
+    password_hash = await asyncio.to_thread(hash_password, password) if password else None
+    user = User(name=name, role=role, password_hash=password_hash)
     session.add(user)
     try:
         await session.commit()
@@ -67,7 +93,10 @@ async def revoke_key(*, session: AsyncSession, key_id: str, owner_id: str | None
 
 async def authenticate(*, session: AsyncSession, name: str, password: str) -> User:
     user = await get_user_by_name(session=session, name=name)
-    if not verify_password(password, user.password_hash if user else None) or user is None:
+    if (
+        not await asyncio.to_thread(verify_password, password, user.password_hash if user else None)
+        or user is None
+    ):
         raise AuthenticationError("wrong user name or password")
     if user.disabled_at is not None:
         raise AuthenticationError("this user is disabled")
@@ -76,8 +105,6 @@ async def authenticate(*, session: AsyncSession, name: str, password: str) -> Us
 
 async def bootstrap_admin(*, session: AsyncSession, name: str = "admin") -> str | None:
     """On a database without users, create the admin user and return its first API key (else None)."""
-    from sqlalchemy import func
-
     if (await session.scalar(select(func.count()).select_from(User))) or 0:
         return None
     user = await ensure_user(session=session, name=name, role="admin")

@@ -1,13 +1,24 @@
 """The FastAPI application factory.
 
 ``create_app(settings)`` wires settings, services (engine, image store, rate limiter,
-metrics), the routers, problem-details errors, the request-id / metrics / access-log
-middleware and the body size cap; its lifespan starts ``settings.workers`` in-process workers.
+metrics), the routers, problem-details errors and three ASGI middlewares, outermost first:
+
+* :class:`RequestContext`: the request id (``X-Request-ID`` taken or made, and returned), the
+  ``RateLimit-Policy`` / ``RateLimit`` fields of the policies the request charged, the metrics
+  and the access log, and the last word on an unknown exception (logged with its traceback,
+  answered as a problem 500 on a connection that stays usable);
+* :class:`LoadShedder`: beyond ``SFUMATO_MAX_REQUESTS_IN_FLIGHT`` requests at once, a 503 with
+  ``Retry-After`` at once rather than a queue that grows for minutes;
+* :class:`BodySizeLimit`: 413 for a body over ``SFUMATO_MAX_BODY_BYTES``.
+
+Its lifespan starts ``settings.workers`` in-process workers and the task that writes API keys'
+last use (:mod:`key_usage`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -16,11 +27,12 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sfumato import __version__
-from sfumato.control_plane import logs, problems
+from sfumato.control_plane import logs, problems, ratelimit
 from sfumato.control_plane.metrics import Metrics
 from sfumato.control_plane.routers import accounts, edge, generations, models, operations
 from sfumato.control_plane.services import Services
@@ -29,6 +41,10 @@ from sfumato.control_plane.worker import run_workers
 
 log = logging.getLogger("sfumato.api")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# Never shed: the probes and the scrape (an overloaded service must still say so), and job event
+# streams, which are long-lived and have their own rate budget.
+_NOT_SHED = re.compile(r"^/(healthz|readyz|metrics)$|^/v1/generations/[^/]+/events$")
+SHED_RETRY_AFTER_S = 1
 
 DESCRIPTION = """
 Sfumato's control plane: submit text-to-image generations as durable jobs, follow them, and
@@ -50,7 +66,7 @@ class BodySizeLimit:
             return
         declared = dict(scope.get("headers", [])).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await self._reject(send)
+            await self._reject(scope, send)
             return
         seen = 0
         too_large = False
@@ -74,7 +90,7 @@ class BodySizeLimit:
             if responder is None:
                 responder = "limit" if too_large else "app"
                 if responder == "limit":
-                    await self._reject(send)
+                    await self._reject(scope, send)
             if responder == "app":
                 await send(message)
 
@@ -83,34 +99,141 @@ class BodySizeLimit:
         except _TooLarge:
             if responder is None:
                 responder = "limit"
-                await self._reject(send)
+                await self._reject(scope, send)
             elif responder == "app":  # the app had already started its own response
                 raise
 
-    async def _reject(self, send: Send) -> None:
-        body = json.dumps(
-            {
-                "type": "about:blank",
-                "title": "Payload too large",
-                "status": 413,
-                "detail": f"request body larger than {self.limit} bytes",
-            }
-        ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", problems.PROBLEM_JSON.encode()),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+    async def _reject(self, scope: Scope, send: Send) -> None:
+        _count_rejection(scope, "body_size")
+        body = problems.problem_body(413, "Payload too large", f"request body larger than {self.limit} bytes")
+        await _send_problem(send, body)
 
 
 class _TooLarge(Exception):
     pass
+
+
+async def _send_problem(send: Send, body: dict, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    data = json.dumps(body).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": body["status"],
+            "headers": [
+                (b"content-type", problems.PROBLEM_JSON.encode()),
+                (b"content-length", str(len(data)).encode()),
+                *(headers or []),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": data})
+
+
+def _services(scope: Scope) -> Services | None:
+    app = scope.get("app")
+    return getattr(app.state, "services", None) if app is not None else None
+
+
+def _count_rejection(scope: Scope, limit: str) -> None:
+    services = _services(scope)
+    if services is not None:
+        services.metrics.rejections.labels(limit=limit).inc()
+
+
+class LoadShedder:
+    """At most ``limit`` requests handled at once; beyond it 503 + ``Retry-After`` at once.
+
+    A request over the limit costs a counter check and a short answer: no authentication, no
+    database, no body read. Probes, metrics and event streams are not counted (``_NOT_SHED``);
+    WebSockets are not HTTP requests and pass.
+    """
+
+    def __init__(self, app: ASGIApp, *, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+        self.in_flight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or _NOT_SHED.match(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        services = _services(scope)
+        if self.in_flight >= self.limit:
+            _count_rejection(scope, "load_shedding")
+            body = problems.problem_body(
+                503,
+                "Service unavailable",
+                f"overloaded: {self.limit} requests in flight; retry after {SHED_RETRY_AFTER_S} s",
+            )
+            await _send_problem(send, body, [(b"retry-after", str(SHED_RETRY_AFTER_S).encode())])
+            return
+        self.in_flight += 1
+        if services is not None:
+            services.metrics.in_flight.set(self.in_flight)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+            if services is not None:
+                services.metrics.in_flight.set(self.in_flight)
+
+
+class RequestContext:
+    """Request id, rate-limit fields, metrics, access log; unknown exceptions become a problem 500."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = Headers(scope=scope).get("x-request-id", "")
+        rid = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        token = logs.request_id.set(rid)
+        charged, charged_token = ratelimit.track()
+        started = time.perf_counter()
+        status = 500
+        response_started = False
+
+        async def send_with_context(message: Message) -> None:
+            nonlocal status, response_started
+            if message["type"] == "http.response.start":
+                response_started = True
+                status = message["status"]
+                extra = [(b"x-request-id", rid.encode()), *ratelimit.header_fields(charged)]
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_context)
+        except Exception:
+            log.exception("unhandled error in %s %s", scope["method"], scope["path"])
+            if response_started:
+                raise  # half a response went out: nothing more can be said on this connection
+            await _send_problem(send_with_context, problems.internal_error_body(scope["path"], rid))
+        finally:
+            elapsed = time.perf_counter() - started
+            template = getattr(scope.get("route"), "path", None) or "unmatched"
+            services = _services(scope)
+            if services is not None:
+                services.metrics.http_duration.labels(scope["method"], template, str(status)).observe(elapsed)
+            principal = scope.get("state", {}).get("principal")
+            log.info(
+                "%s %s %s",
+                scope["method"],
+                template,
+                status,
+                extra={
+                    "method": scope["method"],
+                    "path": scope["path"],
+                    "status": status,
+                    "duration_ms": round(elapsed * 1000, 2),
+                    "principal": principal.user_id if principal else None,
+                },
+            )
+            ratelimit.untrack(charged_token)
+            logs.request_id.reset(token)
 
 
 def create_app(
@@ -122,18 +245,29 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.services = services or Services.build(settings, metrics=metrics)
+        svc: Services = app.state.services
         stop = asyncio.Event()
         workers = None
         if settings.workers > 0:
-            workers = asyncio.create_task(run_workers(app.state.services, count=settings.workers, stop=stop))
+            workers = asyncio.create_task(run_workers(svc, count=settings.workers, stop=stop))
+        key_usage = asyncio.create_task(
+            svc.key_usage.run(sessions=svc.sessions, interval_s=settings.key_usage_flush_s)
+        )
         try:
             yield
         finally:
             stop.set()
+            key_usage.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await key_usage
+            try:
+                await svc.key_usage.flush(sessions=svc.sessions)  # the last minute's uses
+            except Exception:
+                log.exception("writing API keys' last use at shutdown failed")
             if workers is not None:
                 await workers
             if services is None:
-                await app.state.services.close()
+                await svc.close()
 
     app = FastAPI(
         title="Sfumato control plane",
@@ -150,46 +284,9 @@ def create_app(
     app.include_router(operations.router)
     app.include_router(edge.router)
 
-    # Added before the request-context middleware, so it runs inside it: a 413 still carries
-    # X-Request-ID and is counted in the metrics and the access log.
+    # add_middleware wraps: the last added runs first. Request context outermost, so that a 503
+    # or a 413 still carries X-Request-ID and is counted in the metrics and the access log.
     app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
-
-    @app.middleware("http")
-    async def request_context(request: Request, call_next) -> Response:  # type: ignore[no-untyped-def]
-        incoming = request.headers.get("x-request-id", "")
-        rid = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
-        token = logs.request_id.set(rid)
-        started = time.perf_counter()
-        status = 500
-        try:
-            response = await call_next(request)
-            status = response.status_code
-            response.headers["X-Request-ID"] = rid
-            return response
-        except Exception:
-            log.exception("unhandled error in %s %s", request.method, request.url.path)
-            raise
-        finally:
-            elapsed = time.perf_counter() - started
-            route = request.scope.get("route")
-            template = getattr(route, "path", None) or "unmatched"
-            svc = getattr(request.app.state, "services", None)
-            if svc is not None:
-                svc.metrics.http_duration.labels(request.method, template, str(status)).observe(elapsed)
-            principal = getattr(request.state, "principal", None)
-            log.info(
-                "%s %s %s",
-                request.method,
-                template,
-                status,
-                extra={
-                    "method": request.method,
-                    "path": request.url.path,
-                    "status": status,
-                    "duration_ms": round(elapsed * 1000, 2),
-                    "principal": principal.user_id if principal else None,
-                },
-            )
-            logs.request_id.reset(token)
-
+    app.add_middleware(LoadShedder, limit=settings.max_requests_in_flight)
+    app.add_middleware(RequestContext)
     return app

@@ -10,24 +10,18 @@ lease, so a job that runs twice is recorded once.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
-import io
 import json
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-import numpy as np
-from PIL import Image as PILImage
-from PIL import UnidentifiedImageError
 from sqlalchemy import and_, delete, func, or_, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from sfumato.clients.png import encode_png
+from sfumato.control_plane import pagination, uploads
 from sfumato.control_plane.auth import Principal
 from sfumato.control_plane.models import (
     FINAL_STATUSES,
@@ -41,7 +35,7 @@ from sfumato.control_plane.models import (
 from sfumato.control_plane.schemas import GenerationCreate
 from sfumato.control_plane.settings import Settings
 from sfumato.control_plane.storage import ImageStore
-from sfumato.errors import ConflictError, NotFoundError, PayloadTooLargeError, RateLimitedError, UsageError
+from sfumato.errors import ConflictError, NotFoundError, RateLimitedError, UsageError
 from sfumato.serving.request import MAX_SEED
 
 ACTIVE = ("queued", "running")
@@ -55,29 +49,6 @@ def request_hash(body: GenerationCreate) -> str:
         body.model_dump(mode="json", exclude_none=True), sort_keys=True, separators=(",", ":")
     )
     return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def decode_image(data: str, *, field: str, mode: str, max_bytes: int) -> np.ndarray:
-    """A base64 PNG/JPEG as ``uint8`` (``RGB`` -> ``[H, W, 3]``, ``L`` -> ``[H, W]``)."""
-    if len(data) > (max_bytes * 4) // 3 + 4:
-        raise PayloadTooLargeError(f"{field}: larger than {max_bytes} bytes")
-    try:
-        raw = base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        raise UsageError(f"{field}: not valid base64", field=field) from None
-    try:
-        with PILImage.open(io.BytesIO(raw)) as img:
-            if img.format not in {"PNG", "JPEG"}:
-                raise UsageError(f"{field}: must be PNG or JPEG, got {img.format}", field=field)
-            if img.width * img.height > 4096 * 4096:
-                raise UsageError(f"{field}: {img.width}x{img.height} is too large", field=field)
-            array = np.asarray(img.convert(mode), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError):
-        raise UsageError(f"{field}: not a readable PNG or JPEG image", field=field) from None
-    height, width = array.shape[:2]
-    if height % 8 or width % 8:
-        raise UsageError(f"{field}: {width}x{height} is not a multiple of 8 on each side", field=field)
-    return array
 
 
 async def _idempotent_job(
@@ -95,8 +66,8 @@ async def _idempotent_job(
             "Idempotency-Key: this key was already used with a different request body",
             field="Idempotency-Key",
         )
-    job = await session.get(Job, record.job_id)
-    if job is None:  # the job was deleted; the key is spent
+    job = await session.get(Job, record.job_id) if record.job_id is not None else None
+    if job is None:  # the job was deleted; the key is spent (until it expires)
         raise ConflictError("Idempotency-Key: the job created with this key has been deleted")
     return job
 
@@ -131,6 +102,7 @@ async def create_job(
         raise RateLimitedError(
             f"you have {active} unfinished jobs; the limit is {settings.max_queued_jobs_per_user}",
             retry_after=5,
+            limit="queued_jobs",
         )
     if body.mask is not None and body.image is None:
         raise UsageError("mask: needs an image to inpaint", field="mask")
@@ -140,26 +112,38 @@ async def create_job(
     params = body.model_dump(mode="json", exclude_none=True, exclude={"image", "mask"})
     # Fix the seed now: a retried or re-claimed job then draws exactly the same images.
     params.setdefault("seed", secrets.randbelow(MAX_SEED - 16))
-    uploads: dict[str, bytes] = {}
+    inputs: dict[str, bytes] = {}
     if body.image is not None:
-        image = decode_image(body.image, field="image", mode="RGB", max_bytes=settings.max_image_bytes)
-        for name, value in (("width", body.width), ("height", body.height)):
-            actual = image.shape[1] if name == "width" else image.shape[0]
+        image = await uploads.read_image(
+            body.image,
+            field="image",
+            mode="RGB",
+            max_bytes=settings.max_image_bytes,
+            max_pixels=settings.max_image_pixels,
+        )
+        for name, value, actual in (
+            ("width", body.width, image.width),
+            ("height", body.height, image.height),
+        ):
             if value is not None and value != actual:
                 raise UsageError(f"{name}: {value} does not match the image's {actual}", field=name)
-        uploads["image"] = encode_png(image)
+        inputs["image"] = image.png
         if body.mask is not None:
-            mask = decode_image(body.mask, field="mask", mode="L", max_bytes=settings.max_image_bytes)
-            if mask.shape != image.shape[:2]:
+            mask = await uploads.read_image(
+                body.mask,
+                field="mask",
+                mode="L",
+                max_bytes=settings.max_image_bytes,
+                max_pixels=settings.max_image_pixels,
+            )
+            if (mask.width, mask.height) != (image.width, image.height):
                 raise UsageError(
-                    f"mask: {mask.shape[1]}x{mask.shape[0]} does not match the image's "
-                    f"{image.shape[1]}x{image.shape[0]}",
+                    f"mask: {mask.width}x{mask.height} does not match the image's "
+                    f"{image.width}x{image.height}",
                     field="mask",
                 )
-            buffer = io.BytesIO()
-            PILImage.fromarray(mask, mode="L").save(buffer, format="PNG")
-            uploads["mask"] = buffer.getvalue()
-    for name, data in uploads.items():
+            inputs["mask"] = mask.png
+    for name, data in inputs.items():
         key = f"inputs/{job_id}/{name}.png"
         await store.put(key, data)
         params[f"{name}_key"] = key
@@ -189,7 +173,7 @@ async def create_job(
         await session.commit()
     except IntegrityError:  # the same key raced us; answer with the winner's job
         await session.rollback()
-        for key in uploads:
+        for key in inputs:
             await store.delete(params[f"{key}_key"])
         existing = await _idempotent_job(
             session, principal=principal, key=idempotency_key or "", digest=digest
@@ -244,20 +228,6 @@ class Page:
     next_cursor: str | None
 
 
-def _encode_cursor(job: Job) -> str:
-    raw = f"{job.created_at.isoformat()}|{job.id}".encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def _decode_cursor(cursor: str) -> tuple[datetime, str]:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        created, job_id = raw.split("|", 1)
-        return datetime.fromisoformat(created), job_id
-    except (ValueError, UnicodeDecodeError, binascii.Error):
-        raise UsageError("cursor: not a cursor returned by this API", field="cursor") from None
-
-
 async def list_jobs(
     *, session: AsyncSession, principal: Principal, limit: int, cursor: str | None, status: str | None
 ) -> Page:
@@ -266,14 +236,20 @@ async def list_jobs(
     if status is not None:
         query = query.where(Job.status == status)
     if cursor is not None:
-        created, job_id = _decode_cursor(cursor)
-        query = query.where(or_(Job.created_at < created, and_(Job.created_at == created, Job.id < job_id)))
+        after = pagination.decode_cursor(cursor)
+        query = query.where(
+            or_(
+                Job.created_at < after.created_at,
+                and_(Job.created_at == after.created_at, Job.id < after.id),
+            )
+        )
     rows = list(
         (await session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1))).all()
     )
     more = len(rows) > limit
     items = rows[:limit]
-    return Page(items=items, next_cursor=_encode_cursor(items[-1]) if more and items else None)
+    last = items[-1] if more and items else None
+    return Page(items=items, next_cursor=pagination.encode_cursor(last.created_at, last.id) if last else None)
 
 
 # --------------------------------------------------------------------------- cancel / delete
@@ -301,11 +277,17 @@ async def cancel_job(*, session: AsyncSession, principal: Principal, job_id: str
 
 
 async def delete_job(*, session: AsyncSession, store: ImageStore, principal: Principal, job_id: str) -> None:
-    """Remove the record, its images and its inputs. A running job's worker finds it gone and stops."""
+    """Remove the record, its images and its inputs. A running job's worker finds it gone and stops.
+
+    An Idempotency-Key that made the job stays, pointing at no job: until it expires, the key
+    answers 409 (spent) instead of silently making a new job."""
     job = await get_job(session=session, principal=principal, job_id=job_id)
     keys = [img.storage_key for img in job.images] + [
         job.params[k] for k in ("image_key", "mask_key") if k in job.params
     ]
+    await session.execute(
+        update(IdempotencyRecord).where(IdempotencyRecord.job_id == job_id).values(job_id=None)
+    )
     await session.execute(delete(Job).where(Job.id == job_id))
     await session.commit()
     for key in keys:

@@ -3,7 +3,10 @@
 * :class:`sfumato.errors.SfumatoError` subclasses carry their status and title;
 * FastAPI / Pydantic validation errors become 422 with an ``errors`` list naming each field;
 * Starlette HTTP errors (unknown route, wrong method) keep their status;
-* anything else is a bug: logged with its traceback and re-raised (a plain 500).
+* anything else is a bug: the app's request middleware logs it with its traceback and answers
+  a problem 500 (:func:`internal_error_body`), keeping the connection.
+
+Refusals by a limit (429, 413) are counted here, in ``sfumato_rejections_total{limit}``.
 """
 
 from __future__ import annotations
@@ -15,17 +18,45 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from sfumato.errors import AuthenticationError, RateLimitedError, SfumatoError, UsageError
+from sfumato.errors import (
+    AuthenticationError,
+    PayloadTooLargeError,
+    RateLimitedError,
+    SfumatoError,
+    UsageError,
+)
 
 PROBLEM_JSON = "application/problem+json"
 
 
-def problem(status: int, title: str, detail: str | None = None, **extra: Any) -> JSONResponse:
+def problem_body(status: int, title: str, detail: str | None = None, **extra: Any) -> dict[str, Any]:
     body: dict[str, Any] = {"type": "about:blank", "title": title, "status": status}
     if detail:
         body["detail"] = detail
     body.update(extra)
-    return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON)
+    return body
+
+
+def problem(status: int, title: str, detail: str | None = None, **extra: Any) -> JSONResponse:
+    return JSONResponse(
+        problem_body(status, title, detail, **extra), status_code=status, media_type=PROBLEM_JSON
+    )
+
+
+def internal_error_body(path: str, request_id: str) -> dict[str, Any]:
+    """The 500 for an unknown exception: no detail of the bug, the request id to look it up."""
+    return problem_body(
+        500,
+        "Internal error",
+        f"an unexpected error; the service's log has it under request id {request_id}",
+        instance=path,
+    )
+
+
+def _count_rejection(request: Request, limit: str) -> None:
+    services = getattr(request.app.state, "services", None)
+    if services is not None:
+        services.metrics.rejections.labels(limit=limit).inc()
 
 
 def _field_path(loc: tuple | list) -> str:
@@ -40,6 +71,9 @@ async def _sfumato_error(request: Request, exc: SfumatoError) -> JSONResponse:
     response = problem(exc.http_status, exc.title, str(exc), **extra)
     if isinstance(exc, RateLimitedError):
         response.headers["Retry-After"] = str(exc.retry_after)
+        _count_rejection(request, exc.limit)
+    if isinstance(exc, PayloadTooLargeError):
+        _count_rejection(request, "image_size")
     if isinstance(exc, AuthenticationError):
         response.headers["WWW-Authenticate"] = 'Bearer realm="sfumato"'
     return response
@@ -73,9 +107,22 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
 
 
+# draft-ietf-httpapi-ratelimit-headers-11, on every response of a rate-limited route.
+RATE_LIMIT_HEADERS: dict[str, Any] = {
+    "RateLimit-Policy": {
+        "description": 'the quota policies this request counted against: `"requests";q=120;w=60`',
+        "schema": {"type": "string"},
+    },
+    "RateLimit": {
+        "description": 'what is left of each, and the seconds until it grows: `"requests";r=117;t=42`',
+        "schema": {"type": "string"},
+    },
+}
+
 PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {
-        "description": "The body is not readable (not UTF-8 / not JSON at all)",
+        "description": "The body is not readable (not UTF-8 / not JSON at all), or a query "
+        "parameter does not parse (a `cursor` this API did not make)",
         "content": {
             PROBLEM_JSON: {
                 "example": {
@@ -115,7 +162,11 @@ PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
         },
     },
     429: {
-        "description": "Rate limited (see Retry-After)",
+        "description": "Rate limited (see Retry-After, and the RateLimit fields)",
+        "headers": {
+            "Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}},
+            **RATE_LIMIT_HEADERS,
+        },
         "content": {
             PROBLEM_JSON: {
                 "example": {
@@ -126,6 +177,21 @@ PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
                 }
             }
         },
+    },
+}
+PROBLEM_RESPONSES[503] = {
+    "description": "Overloaded: more requests in flight than the service takes (load shedding); "
+    "retry after Retry-After",
+    "headers": {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}},
+    "content": {
+        PROBLEM_JSON: {
+            "example": {
+                "type": "about:blank",
+                "title": "Service unavailable",
+                "status": 503,
+                "detail": "overloaded: 64 requests in flight; retry after 1 s",
+            }
+        }
     },
 }
 NOT_FOUND: dict[int | str, dict[str, Any]] = {

@@ -8,6 +8,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from sfumato.control_plane.db import create_engine, session_factory
 from sfumato.control_plane.edge_calls import InFlightCalls
+from sfumato.control_plane.key_usage import KeyUsage
 from sfumato.control_plane.metrics import Metrics
 from sfumato.control_plane.ratelimit import RateLimiter
 from sfumato.control_plane.settings import Settings
@@ -18,12 +19,14 @@ from sfumato.control_plane.storage import ImageStore, LocalImageStore
 class Services:
     settings: Settings
     engine: AsyncEngine
-    sessions: async_sessionmaker[AsyncSession]
+    sessions: async_sessionmaker[AsyncSession]  # writing transactions
+    read_sessions: async_sessionmaker[AsyncSession]  # read-only: never take SQLite's writer lock
     store: ImageStore
     limiter: RateLimiter
     signing_key: str  # resolved once at start: the setting, or this installation's generated key
     metrics: Metrics = field(default_factory=Metrics)
     edge_calls: InFlightCalls = field(default_factory=InFlightCalls)  # gRPC calls through the edge
+    key_usage: KeyUsage = field(default_factory=KeyUsage)  # API keys' last use, written in batches
 
     @classmethod
     def build(cls, settings: Settings, *, metrics: Metrics | None = None) -> Services:
@@ -34,6 +37,7 @@ class Services:
             signing_key=settings.signing_key(),
             engine=engine,
             sessions=session_factory(engine),
+            read_sessions=session_factory(engine, read_only=True),
             store=LocalImageStore(settings.resolved_image_dir),
             limiter=RateLimiter(settings.redis_url),
         )

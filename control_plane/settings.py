@@ -16,7 +16,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sfumato.secret_files import load_or_create_secret
@@ -65,10 +65,38 @@ class Settings(BaseSettings):
 
     rate_limit: str = Field(default="120/minute", description="per-principal request limit (limits syntax)")
     submit_rate_limit: str = Field(default="30/minute", description="per-principal generation submissions")
+    job_read_rate_limit: str = Field(
+        default="1200/minute",
+        description="per-principal reads of one job (GET a generation, its images, its event streams): "
+        "a budget of their own, apart from rate_limit",
+    )
+    login_rate_limit: str = Field(
+        default="10/minute", description="password logins per (user name, client address)"
+    )
+    login_address_rate_limit: str = Field(
+        default="60/minute", description="password logins per client address, whatever the user name"
+    )
+    auth_failure_rate_limit: str = Field(
+        default="30/minute",
+        description="failed authentications (401, any route) per client address; beyond it the "
+        "address gets 429 until the window moves on",
+    )
+    max_requests_in_flight: int = Field(
+        default=64,
+        ge=1,
+        description="requests handled at once; beyond it the API sheds load (503 + Retry-After at "
+        "once); health, readiness and metrics are exempt",
+    )
+    key_usage_flush_s: float = Field(
+        default=60.0, gt=0, description="how often API keys' last-use times are written (batched)"
+    )
     redis_url: str | None = Field(default=None, description="shared rate-limit storage across replicas")
     max_queued_jobs_per_user: int = Field(default=20, ge=1)
     max_body_bytes: int = Field(default=8 * 2**20, gt=0)
     max_image_bytes: int = Field(default=4 * 2**20, gt=0, description="decoded size of one input image")
+    max_image_pixels: int = Field(
+        default=4096 * 4096, gt=0, description="pixels of one input image (read from its header)"
+    )
     idempotency_ttl_s: int = Field(default=24 * 3600, gt=0)
     maintenance_interval_s: float = Field(
         default=600.0, gt=0, description="workers' sweep of expired idempotency keys"
@@ -77,6 +105,21 @@ class Settings(BaseSettings):
 
     image_dir: Path | None = Field(default=None, description="local image store; default data_dir/images")
     model_name: str = "pipeline"
+
+    @field_validator(
+        "rate_limit",
+        "submit_rate_limit",
+        "job_read_rate_limit",
+        "login_rate_limit",
+        "login_address_rate_limit",
+        "auth_failure_rate_limit",
+    )
+    @classmethod
+    def _rate_limit_syntax(cls, value: str) -> str:
+        from limits import parse
+
+        parse(value)  # ValueError names what does not parse ("10/fortnight")
+        return value
 
     @model_validator(mode="after")
     def _refuse_unsafe_secrets(self) -> Settings:

@@ -33,6 +33,14 @@ class UsageError(SfumatoError):
         self.field = field
 
 
+class BadRequestError(UsageError):
+    """A request parameter that does not even parse (a pagination cursor that this API did not
+    make): 400 rather than 422, still naming the field."""
+
+    http_status = 400
+    title = "Bad request"
+
+
 class InvalidSourceError(UsageError):
     """The source folder is not a usable diffusers Stable Diffusion pipeline."""
 
@@ -84,14 +92,16 @@ class PermissionDeniedError(SfumatoError):
 
 
 class RateLimitedError(SfumatoError):
-    """Too many requests, or too many queued jobs; ``retry_after`` in seconds."""
+    """Too many requests, or too many queued jobs; ``retry_after`` in seconds; ``limit`` names
+    the limit that was hit (a rate-limit policy, ``queued_jobs``), as counted in the metrics."""
 
     http_status = 429
     title = "Too many requests"
 
-    def __init__(self, message: str, *, retry_after: int) -> None:
+    def __init__(self, message: str, *, retry_after: int, limit: str = "requests") -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.limit = limit
 
 
 class PayloadTooLargeError(SfumatoError):

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Response
-from sqlalchemy import select
+from fastapi import APIRouter, Path, Request, Response
 
-from sfumato.control_plane import accounts
+from sfumato.control_plane import accounts, auth
 from sfumato.control_plane.auth import AdminPrincipal, CurrentPrincipal
-from sfumato.control_plane.deps import ServicesDep, SessionDep
+from sfumato.control_plane.deps import ReadSessionDep, ServicesDep, SessionDep
 from sfumato.control_plane.models import ApiKey, User
 from sfumato.control_plane.problems import FORBIDDEN, NOT_FOUND, PROBLEM_RESPONSES, problem_response
 from sfumato.control_plane.schemas import (
@@ -21,8 +20,6 @@ from sfumato.control_plane.schemas import (
     UserCreate,
     UserOut,
 )
-from sfumato.control_plane.security import issue_token
-from sfumato.errors import NotFoundError
 
 router = APIRouter(tags=["auth"], responses=PROBLEM_RESPONSES)
 KeyId = Annotated[str, Path(min_length=1, max_length=16)]
@@ -53,20 +50,17 @@ def _key_out(key: ApiKey) -> KeyOut:
 @router.post(
     "/v1/auth/token", response_model=TokenResponse, summary="Exchange a user name and password for a JWT"
 )
-async def token(body: TokenRequest, session: SessionDep, services: ServicesDep) -> TokenResponse:
-    await services.limiter.hit("10/minute", scope="login", principal=body.username)
-    user = await accounts.authenticate(session=session, name=body.username, password=body.password)
-    s = services.settings
-    access, _ = issue_token(
-        subject=user.id,
-        role=user.role,
-        key=services.signing_key,
-        algorithm=s.jwt_algorithm,
-        audience=s.jwt_audience,
-        issuer=s.jwt_issuer,
-        ttl_s=s.access_token_ttl_s,
+async def token(
+    body: TokenRequest, request: Request, session: ReadSessionDep, services: ServicesDep
+) -> TokenResponse:
+    access, ttl_s = await auth.login(
+        session=session,
+        services=services,
+        name=body.username,
+        password=body.password,
+        address=auth.client_address(request),
     )
-    return TokenResponse(access_token=access, expires_in=s.access_token_ttl_s)
+    return TokenResponse(access_token=access, expires_in=ttl_s)
 
 
 @router.post(
@@ -86,7 +80,7 @@ async def create_user(body: UserCreate, _: AdminPrincipal, session: SessionDep) 
 
 @router.get("/v1/users", response_model=list[UserOut], summary="List users (admin)", responses=FORBIDDEN)
 async def list_users(_: AdminPrincipal, session: SessionDep) -> list[UserOut]:
-    return [_user_out(u) for u in (await session.scalars(select(User).order_by(User.created_at))).all()]
+    return [_user_out(u) for u in await accounts.list_users(session=session)]
 
 
 @router.post(
@@ -99,8 +93,7 @@ async def list_users(_: AdminPrincipal, session: SessionDep) -> list[UserOut]:
 async def create_key_for(
     user_id: UserId, body: KeyCreate, _: AdminPrincipal, session: SessionDep
 ) -> KeyCreated:
-    if await session.get(User, user_id) is None:
-        raise NotFoundError(f"no user {user_id}")
+    await accounts.get_user(session=session, user_id=user_id)
     key, plaintext = await accounts.create_key(session=session, user_id=user_id, name=body.name)
     return KeyCreated(**_key_out(key).model_dump(), key=plaintext)
 
@@ -113,10 +106,7 @@ async def create_own_key(body: KeyCreate, principal: CurrentPrincipal, session: 
 
 @router.get("/v1/keys", response_model=list[KeyOut], summary="List your API keys")
 async def list_own_keys(principal: CurrentPrincipal, session: SessionDep) -> list[KeyOut]:
-    rows = await session.scalars(
-        select(ApiKey).where(ApiKey.user_id == principal.user_id).order_by(ApiKey.created_at)
-    )
-    return [_key_out(k) for k in rows.all()]
+    return [_key_out(k) for k in await accounts.list_keys(session=session, user_id=principal.user_id)]
 
 
 @router.delete(

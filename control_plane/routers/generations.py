@@ -188,8 +188,15 @@ async def get_generation(job_id: JobId, principal: CurrentPrincipal, session: Se
         **problem_response(409, "Conflict", "Already finished", "generation 5f2c... is already succeeded"),
     },
 )
-async def cancel_generation(job_id: JobId, principal: CurrentPrincipal, session: SessionDep) -> GenerationOut:
-    return to_out(await jobs.cancel_job(session=session, principal=principal, job_id=job_id))
+async def cancel_generation(
+    job_id: JobId, principal: CurrentPrincipal, session: SessionDep, services: ServicesDep
+) -> GenerationOut:
+    job = await jobs.cancel_job(session=session, principal=principal, job_id=job_id)
+    # Canceled at once: it was queued; still running: its worker was asked to stop it.
+    state = {"canceled": "queued", "running": "running"}.get(job.status)
+    if state is not None:
+        services.metrics.jobs_canceled.labels(state=state).inc()
+    return to_out(job)
 
 
 @router.delete(

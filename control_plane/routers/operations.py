@@ -7,10 +7,10 @@ import json
 
 from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from sqlalchemy import func, select, text
+from sqlalchemy import text
 
 from sfumato.control_plane.deps import ServicesDep
-from sfumato.control_plane.models import JOB_STATUSES, Job
+from sfumato.control_plane.metrics import observe_jobs
 
 router = APIRouter(tags=["operations"])
 
@@ -68,7 +68,7 @@ async def _triton_ready(url: str, model: str) -> str | None:
 async def readyz(services: ServicesDep) -> Response:
     checks: dict[str, str] = {}
     try:
-        async with services.sessions() as session:
+        async with services.read_sessions() as session:
             await asyncio.wait_for(session.execute(text("SELECT 1")), 3.0)
         checks["database"] = "ok"
     except Exception as exc:
@@ -87,11 +87,6 @@ async def readyz(services: ServicesDep) -> Response:
     responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "text exposition format"}},
 )
 async def metrics(services: ServicesDep) -> Response:
-    m = services.metrics
-    async with services.sessions() as session:
-        rows = (await session.execute(select(Job.status, func.count()).group_by(Job.status))).all()
-    counts = dict.fromkeys(JOB_STATUSES, 0) | {status: n for status, n in rows}
-    for status, n in counts.items():
-        m.jobs.labels(status=status).set(n)
-    m.queue_depth.set(counts["queued"])
-    return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
+    async with services.read_sessions() as session:
+        await observe_jobs(session=session, metrics=services.metrics)
+    return Response(generate_latest(services.metrics.registry), media_type=CONTENT_TYPE_LATEST)

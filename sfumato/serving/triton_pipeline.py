@@ -21,6 +21,7 @@ field, a missing ``prompt`` included, is an ``INVALID_ARGUMENT`` error naming it
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -196,5 +197,9 @@ class TritonPythonModel:
             response = pb.InferenceResponse(error=self._error(exc, request))
         try:
             sender.send(response, flags=final)
-        except Exception:  # the stream is gone (cancelled, client closed); the request ends here
+        except Exception:  # the stream is gone (cancelled, client closed)
             logging.getLogger("sfumato.pipeline").info("%s: final response not delivered", self.name)
+            # Triton releases a decoupled request only on the final flag: without it the request
+            # stays in flight and the model can never unload. Send the flag alone.
+            with contextlib.suppress(Exception):
+                sender.send(flags=final)

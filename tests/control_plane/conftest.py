@@ -92,6 +92,7 @@ def make_settings(database_url: str, data_dir: Path, **overrides: object) -> Set
         "triton_url": "127.0.0.1:1",  # no Triton unless a test says so
         "rate_limit": "10000/minute",
         "submit_rate_limit": "10000/minute",
+        "max_requests_in_flight": 10000,  # tests that fire hundreds of requests at once; the cap has its own
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]

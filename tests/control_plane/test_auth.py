@@ -5,12 +5,14 @@ takes an id, the settings' refusal of the development key, and ``sfumato admin c
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
 import re
 import subprocess
 import sys
+import time
 import warnings
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -19,6 +21,7 @@ from typing import Any
 import jwt
 import pytest
 from pydantic import ValidationError
+from sqlalchemy import event
 
 from sfumato.control_plane.settings import DEVELOPMENT_SECRET, Settings
 from sfumato.errors import UsageError
@@ -95,21 +98,48 @@ async def test_missing_malformed_wrong_and_revoked_keys_are_401(api) -> None:
     assert (await api.client.get("/v1/generations", headers=bearer(second["key"]))).status_code == 200
 
 
-async def test_last_used_at_is_recorded(api) -> None:
+async def test_last_used_at_is_written_in_batches_off_the_request_path(api_factory) -> None:
+    api = await api_factory(key_usage_flush_s=0.1)
     alice = await api.user("alice")
+    services = api.app.state.services
     r = await api.client.post("/v1/keys", json={"name": "ci"}, headers=api.headers(alice))
     new = r.json()
     assert r.status_code == 201 and new["last_used_at"] is None
 
-    def listed(keys: list[dict[str, Any]]) -> dict[str, Any]:
-        return next(k for k in keys if k["id"] == new["id"])
+    async def last_used() -> datetime | None:
+        keys = (await api.client.get("/v1/keys", headers=api.headers(alice))).json()
+        value = next(k for k in keys if k["id"] == new["id"])["last_used_at"]
+        return datetime.fromisoformat(value.replace("Z", "+00:00")) if value else None
 
-    before = datetime.now(UTC)
-    keys = (await api.client.get("/v1/keys", headers=api.headers(alice))).json()
-    assert listed(keys)["last_used_at"] is None  # not used yet
-    keys = (await api.client.get("/v1/keys", headers=bearer(new["key"]))).json()
-    used = datetime.fromisoformat(listed(keys)["last_used_at"].replace("Z", "+00:00"))
-    assert before - timedelta(seconds=1) <= used <= datetime.now(UTC) + timedelta(seconds=1)
+    assert await last_used() is None  # not used yet
+
+    # Record which keys are written while the new key is used many times.
+    written: list[str] = []
+
+    def record(conn, cursor, statement, parameters, context, executemany) -> None:  # type: ignore[no-untyped-def]
+        if statement.lstrip().upper().startswith("UPDATE API_KEYS"):
+            rows = parameters if executemany else [parameters]
+            written.extend(row[-1] for row in rows)  # WHERE api_keys.id = <the last parameter>
+
+    event.listen(services.engine.sync_engine, "before_cursor_execute", record)
+    try:
+        before = datetime.now(UTC)
+        for _ in range(20):
+            assert (await api.client.get("/v1/generations", headers=bearer(new["key"]))).status_code == 200
+        deadline = time.monotonic() + 30
+        while (used := await last_used()) is None:
+            assert time.monotonic() < deadline, "last_used_at was never written"
+            await asyncio.sleep(0.05)
+        assert before - timedelta(seconds=1) <= used <= datetime.now(UTC) + timedelta(seconds=1)
+        # More uses within the resolution (a minute): nothing more to write.
+        for _ in range(20):
+            assert (await api.client.get("/v1/generations", headers=bearer(new["key"]))).status_code == 200
+        await services.key_usage.flush(sessions=services.sessions)
+    finally:
+        event.remove(services.engine.sync_engine, "before_cursor_execute", record)
+    # Each key used (alice's own, by last_used(), and the new one) was written exactly once.
+    assert sorted(written) == sorted([new["id"], key_id(alice["key"])]), written
+    assert await last_used() == used
 
 
 # --------------------------------------------------------------------------- passwords and JWTs

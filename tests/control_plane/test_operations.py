@@ -1,17 +1,20 @@
 """Operating the control plane: liveness and readiness, Prometheus metrics (route templates as
-labels, job counts), request ids, problem details for unknown routes, and the OpenAPI document
+labels, job counts, the oldest queued job's age, rejections by limit, cancellations by state,
+process metrics), request ids, problem details for unknown routes, and the OpenAPI document
 (a summary for every operation, an example for every JSON body it documents)."""
 
 from __future__ import annotations
 
 import re
+from datetime import timedelta
 from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel
 
-from sfumato.control_plane import schemas
+from sfumato.control_plane import jobs, schemas
+from sfumato.control_plane.models import Job
 
 from .problems import assert_problem
 
@@ -190,3 +193,72 @@ async def test_openapi_documents_every_operation_with_examples(api) -> None:
                 assert r.status_code != 422, f"{method.upper()} {path} example {example}: {r.text}"
                 sent += 1
     assert sent >= 5
+
+
+async def test_metrics_an_operator_alerts_on(api_factory, complete_job) -> None:
+    api = await api_factory(
+        submit_rate_limit="4/minute", max_queued_jobs_per_user=2, max_body_bytes=4096, max_image_bytes=64
+    )
+    alice, bob = await api.user("alice"), await api.user("bob")
+    services = api.app.state.services
+
+    async def scrape() -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+        r = await api.client.get("/metrics")
+        assert r.status_code == 200
+        return samples(r.text)
+
+    def value(values: dict, name: str, **labels: str) -> float:
+        return values[(name, frozenset(labels.items()))]
+
+    values = await scrape()
+    assert value(values, "sfumato_oldest_queued_job_age_seconds") == 0
+    for limit in ("requests", "submit", "queued_jobs", "body_size", "image_size", "load_shedding"):
+        assert value(values, "sfumato_rejections_total", limit=limit) == 0  # present from the start
+    # Process metrics: CPU, memory, start time; the Python platform.
+    for name in ("process_cpu_seconds_total", "process_resident_memory_bytes", "process_start_time_seconds"):
+        assert value(values, name) > 0, name
+    assert any(name == "python_info" for name, _ in values)
+
+    # Oldest queued job: its age, from its submission time in the database.
+    first = (
+        await api.client.post("/v1/generations", json={"prompt": PROMPT}, headers=api.headers(alice))
+    ).json()
+    second = (
+        await api.client.post("/v1/generations", json={"prompt": PROMPT}, headers=api.headers(bob))
+    ).json()
+    async with services.sessions() as session:
+        job = await session.get(Job, first["id"])
+        job.created_at = job.created_at - timedelta(seconds=600)
+        await session.commit()
+    age = value(await scrape(), "sfumato_oldest_queued_job_age_seconds")
+    assert 600 <= age < 600 + 300, age
+
+    # Cancellations by the job's state: alice's queued job, then bob's once running.
+    await api.client.post(f"/v1/generations/{first['id']}/cancel", headers=api.headers(alice))
+    async with services.sessions() as session:
+        assert (await jobs.claim_next(session=session, worker_id="w", lease_s=60)).id == second["id"]
+    r = await api.client.post(f"/v1/generations/{second['id']}/cancel", headers=api.headers(bob))
+    assert r.json()["status"] == "running"
+    values = await scrape()
+    assert value(values, "sfumato_jobs_canceled_total", state="queued") == 1
+    assert value(values, "sfumato_jobs_canceled_total", state="running") == 1
+    assert value(values, "sfumato_oldest_queued_job_age_seconds") == 0  # nothing queued now
+
+    # Rejections by limit: the queued-jobs cap, the submission rate, body and image size.
+    for _ in range(2):
+        assert (
+            await api.client.post("/v1/generations", json={"prompt": PROMPT}, headers=api.headers(alice))
+        ).status_code == 202
+    r = await api.client.post("/v1/generations", json={"prompt": PROMPT}, headers=api.headers(alice))
+    assert r.status_code == 429 and "unfinished" in r.json()["detail"]  # queued_jobs (2 of 2)
+    r = await api.client.post("/v1/generations", json={"prompt": PROMPT}, headers=api.headers(alice))
+    assert r.status_code == 429 and "4/minute" in r.json()["detail"]  # submit (5th of 4 per minute)
+    r = await api.client.post("/v1/generations", json={"prompt": "x" * 5000}, headers=api.headers(bob))
+    assert r.status_code == 413
+    r = await api.client.post(
+        "/v1/generations", json={"prompt": PROMPT, "image": "A" * 200}, headers=api.headers(bob)
+    )
+    assert r.status_code == 413
+    values = await scrape()
+    expected = {"queued_jobs": 1, "submit": 1, "body_size": 1, "image_size": 1, "requests": 0}
+    assert {k: value(values, "sfumato_rejections_total", limit=k) for k in expected} == expected

@@ -34,6 +34,10 @@ async def test_schemathesis_finds_no_server_errors(database_url: str, tmp_path: 
         "SFUMATO_TRITON_URL": "127.0.0.1:1",
         "SFUMATO_RATE_LIMIT": "1000000/minute",
         "SFUMATO_SUBMIT_RATE_LIMIT": "1000000/minute",
+        "SFUMATO_JOB_READ_RATE_LIMIT": "1000000/minute",
+        "SFUMATO_AUTH_FAILURE_RATE_LIMIT": "1000000/minute",
+        "SFUMATO_LOGIN_RATE_LIMIT": "1000000/minute",
+        "SFUMATO_LOGIN_ADDRESS_RATE_LIMIT": "1000000/minute",
         "SFUMATO_MAX_QUEUED_JOBS_PER_USER": "1000000",
     }
     key = subprocess.run(
