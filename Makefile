@@ -19,7 +19,7 @@ help:
 	@echo "make test        the test suite (real Triton, real ONNX Runtime, real diffusers)"
 	@echo "make lint        ruff"
 	@echo "make model       export $(DEMO) into $(REPO) (target cpu)"
-	@echo "make demo-model  retrain the demo model from scratch (~30 min on 2 cores) and evaluate it"
+	@echo "make demo-model  retrain the demo model from scratch (~35 min on 2 idle cores) and evaluate it"
 	@echo "make bench       benchmarks: tables printed, JSON and plots in bench/results/"
 
 venv: $(STAMP)

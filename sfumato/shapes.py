@@ -1,9 +1,12 @@
 """The shapes data set of the demo model, and a judge that reads an image back.
 
-Every image is one filled shape on a plain background; its caption is
-``a {colour} {shape} on a {background} background`` with colour != background.
-Other code (training, evaluation, the serving tests) measures against exactly this
-definition, so the palette and grammar here are the reference.
+Every image is one filled shape on a plain background. Its canonical caption is
+``a {colour} {shape} on a {background} background`` with colour != background; training also
+uses the forms people type (:func:`paraphrase`: ``an``, capitals, trailing punctuation, "orange
+circle on green", "orange circle, green background", "on a green background, an orange circle",
+and the background left out, when any background is right). Other code (training, evaluation,
+the serving tests) measures against exactly this definition, so the palette and grammar here are
+the reference; :func:`read_prompt` reads any of these forms back into what it asks for.
 
 Rendering is supersampled (``_SUPERSAMPLE`` x) and box-filtered down, which gives
 anti-aliased edges like a real photograph of a flat shape would have.
@@ -57,6 +60,97 @@ def parse_caption(caption: str) -> Scene:
     if colour == background:
         raise ValueError(f"colour and background are the same in caption: {caption!r}")
     return Scene(colour=colour, shape=shape, background=background)
+
+
+@dataclass(frozen=True, slots=True)
+class Prompt:
+    """A prompt as a person might write it, and what it asks for: ``background`` is ``None``
+    when the prompt leaves the background out (any background is then right)."""
+
+    text: str
+    colour: str
+    shape: str
+    background: str | None
+
+    def matches(self, verdict: Judgement) -> tuple[bool, bool, bool]:
+        """(background, colour, shape) agreement of a judged image with what the prompt asks."""
+        return (
+            self.background is None or verdict.background == self.background,
+            verdict.colour == self.colour,
+            verdict.shape == self.shape,
+        )
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+# How people write a scene (``{a_colour}``: the grammatical article before the colour word).
+FORMS_WITH_BACKGROUND: tuple[str, ...] = (
+    "a {colour} {shape} on a {background} background",  # the exact template
+    "{a_colour} {colour} {shape} on {a_background} {background} background",
+    "{colour} {shape} on a {background} background",
+    "{colour} {shape} on {background}",
+    "{a_colour} {colour} {shape} on {background}",
+    "{colour} {shape}, {background} background",
+    "{a_colour} {colour} {shape}, {background} background",
+    "on {a_background} {background} background, {a_colour} {colour} {shape}",
+)
+FORMS_WITHOUT_BACKGROUND: tuple[str, ...] = (
+    "{a_colour} {colour} {shape}",
+    "{colour} {shape}",
+    "a {colour} {shape}",
+)
+PUNCTUATION: tuple[str, ...] = ("", "", ".", "!")
+
+
+def paraphrase(scene: Scene, rng: np.random.Generator, *, background: bool = True) -> Prompt:
+    """``scene`` in one of the forms people type, drawn with ``rng`` (not the exact template):
+    a form, a capitalisation and a trailing punctuation mark. ``background=False`` leaves the
+    background out."""
+    forms = FORMS_WITH_BACKGROUND[1:] if background else FORMS_WITHOUT_BACKGROUND
+    text = forms[int(rng.integers(len(forms)))].format(
+        colour=scene.colour,
+        shape=scene.shape,
+        background=scene.background,
+        a_colour=_article(scene.colour),
+        a_background=_article(scene.background),
+    )
+    case = int(rng.integers(4))
+    if case == 1:
+        text = text[0].upper() + text[1:]
+    elif case == 2:
+        text = text.title()
+    text += PUNCTUATION[int(rng.integers(len(PUNCTUATION)))]
+    return Prompt(text, scene.colour, scene.shape, scene.background if background else None)
+
+
+def canonical(scene: Scene) -> Prompt:
+    return Prompt(scene.caption, scene.colour, scene.shape, scene.background)
+
+
+_WORD = re.compile(r"[a-z]+")
+
+
+def read_prompt(text: str, *, colours: tuple[str, ...] | None = None) -> Prompt:
+    """What a prompt in any of the data set's forms asks for (colour words from ``colours``,
+    default the palette): the colour word before ``background``, or after ``on`` (``on a``,
+    ``on an``), is the background; the first other colour word is the object's. Raises
+    ``ValueError`` when the prompt names no shape or no object colour."""
+    known = colours or COLOURS
+    words = _WORD.findall(text.lower())
+
+    def is_background(i: int) -> bool:
+        before = [w for w in words[max(i - 2, 0) : i] if w not in ("a", "an")]
+        return words[i + 1 : i + 2] == ["background"] or before[-1:] == ["on"]
+
+    positions = [i for i, w in enumerate(words) if w in known]
+    background = next((words[i] for i in positions if is_background(i)), None)
+    objects = [words[i] for i in positions if not is_background(i)]
+    shape = next((w for w in words if w in SHAPES), None)
+    if shape is None or not objects:
+        raise ValueError(f"not a prompt of the shapes grammar: {text!r}")
+    return Prompt(text, objects[0], shape, background)
 
 
 def all_scenes() -> list[Scene]:
@@ -119,9 +213,22 @@ def render(
     return np.clip(np.rint(image), 0, 255).astype(np.uint8)
 
 
-def make_dataset(count: int, *, seed: int, image_size: int = IMAGE_SIZE) -> tuple[np.ndarray, list[str]]:
-    """``count`` images (``uint8`` ``[N, H, W, 3]``) and their captions, fully seeded."""
+def make_dataset(
+    count: int,
+    *,
+    seed: int,
+    image_size: int = IMAGE_SIZE,
+    paraphrase_rate: float = 0.0,
+    no_background_rate: float = 0.0,
+) -> tuple[np.ndarray, list[str]]:
+    """``count`` images (``uint8`` ``[N, H, W, 3]``) and their captions, fully seeded.
+
+    A ``paraphrase_rate`` share of the captions is written in one of the forms people type
+    (:func:`paraphrase`), of which a ``no_background_rate`` share leaves the background out; the
+    rest is the exact template. The images and the scenes do not depend on the rates.
+    """
     rng = np.random.default_rng(seed)
+    words = np.random.default_rng([seed, 1])  # its own stream: the images stay the same
     scenes = all_scenes()
     picks = rng.integers(0, len(scenes), size=count)
     images = np.empty((count, image_size, image_size, 3), dtype=np.uint8)
@@ -129,7 +236,10 @@ def make_dataset(count: int, *, seed: int, image_size: int = IMAGE_SIZE) -> tupl
     for i, pick in enumerate(picks):
         scene = scenes[pick]
         images[i] = render(scene, rng=rng, image_size=image_size)
-        captions.append(scene.caption)
+        if paraphrase_rate and words.random() < paraphrase_rate:
+            captions.append(paraphrase(scene, words, background=words.random() >= no_background_rate).text)
+        else:
+            captions.append(scene.caption)
     return images, captions
 
 
@@ -218,15 +328,12 @@ class Score:
         return self.background >= background and self.colour >= colour and self.shape >= shape
 
 
-def score(images: np.ndarray, scenes: list[Scene]) -> Score:
-    """Fraction of images whose background, object colour and shape match their scene."""
-    if len(images) != len(scenes):
-        raise ValueError(f"{len(images)} images but {len(scenes)} scenes")
-    verdicts = [judge(img) for img in images]
-    n = len(scenes)
-    return Score(
-        background=sum(v.background == s.background for v, s in zip(verdicts, scenes, strict=True)) / n,
-        colour=sum(v.colour == s.colour for v, s in zip(verdicts, scenes, strict=True)) / n,
-        shape=sum(v.shape == s.shape for v, s in zip(verdicts, scenes, strict=True)) / n,
-        count=n,
-    )
+def score(images: np.ndarray, asked: list[Scene] | list[Prompt]) -> Score:
+    """Fraction of images whose background, object colour and shape match what was asked
+    (a :class:`Scene`, or a :class:`Prompt`, whose background may be left out: any is right)."""
+    if len(images) != len(asked):
+        raise ValueError(f"{len(images)} images but {len(asked)} prompts")
+    prompts = [canonical(a) if isinstance(a, Scene) else a for a in asked]
+    agreed = np.array([p.matches(judge(img)) for img, p in zip(images, prompts, strict=True)], dtype=float)
+    background, colour, shape = agreed.mean(axis=0)
+    return Score(background=float(background), colour=float(colour), shape=float(shape), count=len(prompts))

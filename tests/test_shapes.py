@@ -77,3 +77,70 @@ def test_judge_reads_soft_decoded_looking_shapes() -> None:
     score = shapes.score(np.rint(blurred).astype(np.uint8), scenes)
     # The one hard pair is yellow on orange (RGB distance 81): blurred, a small triangle's apex fades.
     assert (score.background, score.colour) == (1.0, 1.0) and score.shape >= 0.99
+
+
+def test_paraphrases_read_back_to_what_they_ask_for() -> None:
+    rng = np.random.default_rng(7)
+    seen_forms = set()
+    for scene in shapes.all_scenes():
+        for background in (True, False):
+            prompt = shapes.paraphrase(scene, rng, background=background)
+            assert prompt.text != scene.caption or background, prompt
+            read = shapes.read_prompt(prompt.text)
+            assert (read.colour, read.shape, read.background) == (
+                scene.colour,
+                scene.shape,
+                scene.background if background else None,
+            ), prompt.text
+            seen_forms.add(prompt.text.lower().rstrip(".!").startswith("on "))
+    assert seen_forms == {True, False}  # the inverted order is among the forms drawn
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("a orange circle on a green background", ("orange", "circle", "green")),
+        ("An orange circle on a green background.", ("orange", "circle", "green")),
+        ("orange circle, green background", ("orange", "circle", "green")),
+        ("On a green background, an orange circle!", ("orange", "circle", "green")),
+        ("orange circle on green", ("orange", "circle", "green")),
+        ("a green circle on an orange background", ("green", "circle", "orange")),
+        ("Orange Circle", ("orange", "circle", None)),
+        ("a pink square on a white background", ("pink", "square", "white")),
+    ],
+)
+def test_read_prompt_forms(text: str, expected: tuple) -> None:
+    colours = (*shapes.COLOURS, "pink")
+    read = shapes.read_prompt(text, colours=colours)
+    assert (read.colour, read.shape, read.background) == expected
+
+
+def test_read_prompt_refuses_what_is_not_a_scene() -> None:
+    for text in ("a zebra on the moon", "a red thing", "circle"):
+        with pytest.raises(ValueError, match="not a prompt"):
+            shapes.read_prompt(text)
+
+
+def test_paraphrased_captions_keep_the_same_images() -> None:
+    plain, exact = shapes.make_dataset(300, seed=4)
+    mixed, captions = shapes.make_dataset(300, seed=4, paraphrase_rate=0.65, no_background_rate=0.2)
+    assert np.array_equal(plain, mixed)
+    changed = [c for c, e in zip(captions, exact, strict=True) if c != e]
+    assert 0.45 < len(changed) / 300 < 0.8
+    without = [c for c in changed if shapes.read_prompt(c).background is None]
+    assert 0.05 < len(without) / len(changed) < 0.4
+    for caption, truth in zip(captions, exact, strict=True):
+        asked, scene = shapes.read_prompt(caption), shapes.parse_caption(truth)
+        assert (asked.colour, asked.shape) == (scene.colour, scene.shape)
+        assert asked.background in (None, scene.background)
+
+
+def test_score_counts_any_background_right_when_the_prompt_leaves_it_out() -> None:
+    rng = np.random.default_rng(1)
+    scene = shapes.Scene(colour="red", shape="circle", background="blue")
+    image = shapes.render(scene, rng=rng)[None]
+    asked = shapes.Prompt("a red circle on a white background", "red", "circle", "white")
+    assert shapes.score(image, [asked]).background == 0.0
+    left_out = shapes.Prompt("red circle", "red", "circle", None)
+    result = shapes.score(image, [left_out])
+    assert (result.background, result.colour, result.shape) == (1.0, 1.0, 1.0)

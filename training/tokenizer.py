@@ -1,11 +1,13 @@
 """A CLIP-style BPE tokenizer with a small vocabulary, learnt from the data set's captions.
 
 CLIP's tokenizer is byte-pair encoding over lower-cased words, with ``</w>`` marking the end
-of a word and ``<|startoftext|>`` / ``<|endoftext|>`` around the sequence. We learn merges with
-the classic BPE procedure (Sennrich et al.) on the caption grammar until every word of the
-grammar is one token, over an alphabet of letters and digits so that any prompt still
-tokenizes, and save CLIP's ``vocab.json`` + ``merges.txt``, which ``transformers.CLIPTokenizer``
-and ``StableDiffusionPipeline`` load unchanged.
+of a word and ``<|startoftext|>`` / ``<|endoftext|>`` around the sequence (it splits punctuation
+off as tokens of its own). We learn merges with the classic BPE procedure (Sennrich et al.) on
+every word of the caption forms (:mod:`sfumato.shapes`) plus :data:`EXTRA_WORDS` — colours and
+shapes the data set does not draw, so that a fine-tune can teach one as a single token — until
+each is one token, over an alphabet of letters, digits and punctuation so that any prompt still
+tokenizes without unknown tokens, and save CLIP's ``vocab.json`` + ``merges.txt``, which
+``transformers.CLIPTokenizer`` and ``StableDiffusionPipeline`` load unchanged.
 
 The learner is a few lines of our own rather than ``tokenizers``' trainer because it must be
 deterministic: ties between equally frequent pairs are broken by the pair itself, so the same
@@ -20,12 +22,36 @@ from collections import Counter
 from itertools import pairwise
 from pathlib import Path
 
-from sfumato.shapes import all_scenes
+from sfumato.shapes import COLOURS, FORMS_WITH_BACKGROUND, FORMS_WITHOUT_BACKGROUND, SHAPES
 
 BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"
 MODEL_MAX_LENGTH = 16
-ALPHABET = string.ascii_lowercase + string.digits
+ALPHABET = string.ascii_lowercase + string.digits + string.punctuation
+# Words outside the data set that still get a token of their own (untrained until a fine-tune
+# teaches them): other colours and shapes people ask for, and the commonest small words.
+EXTRA_WORDS = (
+    *("pink", "brown", "grey", "gray", "cyan", "magenta", "teal", "navy", "gold", "silver"),
+    *("beige", "maroon", "lime", "violet", "indigo", "turquoise"),
+    *("star", "heart", "diamond", "hexagon", "pentagon", "oval", "rectangle", "cross", "ring"),
+    *("the", "with", "and", "in", "of"),
+)
+
+
+def grammar_words() -> Counter[str]:
+    """Every word of every caption form, counted over all scenes (plus the extra words once)."""
+    words: Counter[str] = Counter(EXTRA_WORDS)
+    for form in (*FORMS_WITH_BACKGROUND, *FORMS_WITHOUT_BACKGROUND):
+        for colour in COLOURS:
+            for shape in SHAPES:
+                for background in COLOURS:
+                    if background == colour:
+                        continue
+                    text = form.format(
+                        colour=colour, shape=shape, background=background, a_colour="a", a_background="an"
+                    )
+                    words.update(text.replace(",", " ").split())
+    return words
 
 
 def _split(word: str) -> tuple[str, ...]:
@@ -61,11 +87,8 @@ def learn_merges(words: Counter[str]) -> list[tuple[str, str]]:
 
 
 def train_tokenizer(out_dir: Path) -> Path:
-    """Learn the merges on every caption of the grammar and save CLIP-format files in ``out_dir``."""
-    words: Counter[str] = Counter()
-    for scene in all_scenes():
-        words.update(scene.caption.split())
-    merges = learn_merges(words)
+    """Learn the merges on the grammar's words and save CLIP-format files in ``out_dir``."""
+    merges = learn_merges(grammar_words())
     vocab: dict[str, int] = {BOS: 0, EOS: 1}
     for token in [*ALPHABET, *(c + "</w>" for c in ALPHABET), *(a + b for a, b in merges)]:
         vocab.setdefault(token, len(vocab))

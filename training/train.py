@@ -37,11 +37,13 @@ class TrainingPlan:
 
     seed: int = 0
     dataset_size: int = 20_000
+    paraphrase_rate: float = 0.65  # captions in the forms people type (the rest: the exact template)
+    no_background_rate: float = 0.2  # of the paraphrases, those that leave the background out
     vae_steps: int = 1_200
     vae_batch: int = 32
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
-    unet_steps: int = 3_000
+    unet_steps: int = 4_000
     unet_batch: int = 64
     unet_lr: float = 1e-3
     warmup_steps: int = 100
@@ -84,6 +86,7 @@ class _Log:
     def row(self, phase: str, step: int, loss: float, lr: float) -> None:
         elapsed = time.perf_counter() - self._start
         self._writer.writerow([phase, step, f"{loss:.6f}", f"{lr:.6g}", f"{elapsed:.1f}"])
+        self._file.flush()  # the log is how a long run is followed while it runs
 
     def close(self) -> None:
         self._file.close()
@@ -232,7 +235,12 @@ def _train(out_dir: Path, *, plan: TrainingPlan, progress: bool) -> dict:
     started = time.perf_counter()
     try:
         log = _Log(staging / "training_log.csv")
-        pixels, captions = make_dataset(plan.dataset_size, seed=plan.seed)
+        pixels, captions = make_dataset(
+            plan.dataset_size,
+            seed=plan.seed,
+            paraphrase_rate=plan.paraphrase_rate,
+            no_background_rate=plan.no_background_rate,
+        )
         images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div(127.5).sub(1.0).contiguous()
 
         vae, vae_mse = train_vae(images, plan=plan, log=log, progress=progress)
