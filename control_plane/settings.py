@@ -127,6 +127,35 @@ class Settings(BaseSettings):
     )
     model_name: str = "pipeline"
 
+    # Trainings: where `sfumato training run --id ...` runs (the runner: `sfumato worker --queue trainings`).
+    training_executor: Literal["local", "kubernetes"] = Field(
+        default="local", description="local subprocess, or one Kubernetes Job per training"
+    )
+    training_job_template: Path | None = Field(
+        default=None,
+        description="kubernetes: the Job template (JSON; the Helm chart renders it) whose container "
+        "'training' runs the training",
+    )
+    training_gpus: int = Field(default=1, ge=0, description="kubernetes: nvidia.com/gpu per training Job")
+    training_kueue_queue: str | None = Field(
+        default=None, description="kubernetes: Kueue LocalQueue; Jobs are created suspended with its label"
+    )
+    training_job_backoff_limit: int = Field(default=2, ge=0, description="kubernetes: pod retries per Job")
+    training_job_ttl_s: int | None = Field(
+        default=7 * 24 * 3600, ge=0, description="kubernetes: finished Jobs are deleted after this"
+    )
+    training_job_deadline_s: int | None = Field(
+        default=None, gt=0, description="kubernetes: a Job running longer is failed (activeDeadlineSeconds)"
+    )
+    kubernetes_api_url: str | None = Field(
+        default=None, description="default: in-cluster (KUBERNETES_SERVICE_HOST/PORT)"
+    )
+    kubernetes_namespace: str | None = Field(
+        default=None, description="default: the pod's own (service-account namespace file)"
+    )
+    kubernetes_token_file: Path = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
+    kubernetes_ca_file: Path | None = Path("/var/run/secrets/kubernetes.io/serviceaccount/ca.crt")
+
     @field_validator(
         "rate_limit",
         "submit_rate_limit",
