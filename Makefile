@@ -12,7 +12,7 @@ REPO := model_repository
 MODEL_STAMP := $(REPO)/export_manifest.json
 MODEL_INPUTS := $(shell find $(DEMO) export sfumato/serving -type f -not -name '*.pyc' 2>/dev/null)
 
-.PHONY: help venv run test lint model demo-model bench clean
+.PHONY: help venv run test lint model demo-model bench images clean
 
 help:
 	@echo "make run         serve the demo model: Triton (gRPC :8001) and the REST API (:8080)"
@@ -21,6 +21,7 @@ help:
 	@echo "make model       export $(DEMO) into $(REPO) (target cpu)"
 	@echo "make demo-model  retrain the demo model from scratch (~35 min on 2 idle cores) and evaluate it"
 	@echo "make bench       benchmarks: tables printed, JSON and plots in bench/results/"
+	@echo "make images      lint the Dockerfiles, then build the images where a container builder exists"
 
 venv: $(STAMP)
 
@@ -56,6 +57,22 @@ bench: model
 	$(PY) bench/serving.py
 	$(PY) bench/stream.py
 	$(PY) bench/control_plane.py
+
+# Images (docker/): the control plane, training (control plane + PyTorch) and Triton (NGC 24.10).
+# IMAGE_PREFIX=registry.example.com/sfumato make images; BUILDER=podman to choose the builder.
+IMAGE_PREFIX ?= sfumato
+IMAGE_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+BUILDER ?= $(shell command -v docker || command -v podman)
+
+images: $(STAMP)
+	$(VENV)/bin/hadolint docker/control-plane.Dockerfile docker/triton.Dockerfile
+	@if [ -z "$(BUILDER)" ] || ! $(BUILDER) info >/dev/null 2>&1; then \
+		echo "make images: no container builder here (docker or podman with a running daemon): the Dockerfiles were linted, not built" >&2; \
+		exit 2; \
+	fi
+	$(BUILDER) build -f docker/control-plane.Dockerfile --target control-plane -t $(IMAGE_PREFIX)/control-plane:$(IMAGE_TAG) .
+	$(BUILDER) build -f docker/control-plane.Dockerfile --target training -t $(IMAGE_PREFIX)/training:$(IMAGE_TAG) .
+	$(BUILDER) build -f docker/triton.Dockerfile -t $(IMAGE_PREFIX)/triton:$(IMAGE_TAG) .
 
 clean:
 	rm -rf $(REPO)/text_encoder $(REPO)/unet $(REPO)/vae_encoder $(REPO)/vae_decoder $(REPO)/pipeline \

@@ -1,4 +1,4 @@
-"""The control plane's commands: ``serve``, ``up``, ``edge``, ``worker``, ``admin``, ``db``."""
+"""The control plane's commands: ``serve``, ``up``, ``edge``, ``worker``, ``admin``, ``db``, ``storage``."""
 
 from __future__ import annotations
 
@@ -246,6 +246,23 @@ def _db_upgrade(args: argparse.Namespace) -> int:
     return 0
 
 
+def _storage_copy(args: argparse.Namespace) -> int:
+    """Copy a folder into the object store (``put``) or a prefix of it out (``get``): the export
+    Job's upload of a model repository, an operator's backup of weights."""
+    import asyncio
+
+    from sfumato.control_plane import storage
+
+    store = storage.open_store(_settings())
+    if args.storage_command == "put":
+        keys = asyncio.run(storage.put_tree(store, Path(args.source), args.prefix))
+        print(f"{len(keys)} files stored under {args.prefix or '(root)'}", file=sys.stderr)
+    else:
+        paths = asyncio.run(storage.get_tree(store, args.prefix, Path(args.target)))
+        print(f"{len(paths)} files written under {args.target}", file=sys.stderr)
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     sv = sub.add_parser("serve", help="run the control plane (REST API) with in-process workers")
     sv.add_argument("--host", default="127.0.0.1")
@@ -297,3 +314,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     up = db_sub.add_parser("upgrade", help="run the Alembic migrations")
     up.add_argument("revision", nargs="?", default="head")
     up.set_defaults(func=_db_upgrade)
+
+    st = sub.add_parser("storage", help="copy folders into and out of the object store (SFUMATO_STORAGE_URL)")
+    st_sub = st.add_subparsers(dest="storage_command", required=True, metavar="ACTION")
+    put = st_sub.add_parser("put", help="upload a folder's files under a key prefix")
+    put.add_argument("source", help="local folder")
+    put.add_argument("prefix", help="key prefix, e.g. model_repository")
+    put.set_defaults(func=_storage_copy)
+    get = st_sub.add_parser("get", help="download every object under a key prefix into a folder")
+    get.add_argument("prefix")
+    get.add_argument("target", help="local folder")
+    get.set_defaults(func=_storage_copy)

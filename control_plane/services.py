@@ -12,7 +12,7 @@ from sfumato.control_plane.key_usage import KeyUsage
 from sfumato.control_plane.metrics import Metrics
 from sfumato.control_plane.ratelimit import RateLimiter
 from sfumato.control_plane.settings import Settings
-from sfumato.control_plane.storage import ImageStore, LocalImageStore
+from sfumato.control_plane.storage import ObjectStore, open_store
 
 
 @dataclass
@@ -21,7 +21,7 @@ class Services:
     engine: AsyncEngine
     sessions: async_sessionmaker[AsyncSession]  # writing transactions
     read_sessions: async_sessionmaker[AsyncSession]  # read-only: never take SQLite's writer lock
-    store: ImageStore
+    store: ObjectStore  # images, inputs, data sets, weights (local directory or S3)
     limiter: RateLimiter
     signing_key: str  # resolved once at start: the setting, or this installation's generated key
     metrics: Metrics = field(default_factory=Metrics)
@@ -38,7 +38,7 @@ class Services:
             engine=engine,
             sessions=session_factory(engine),
             read_sessions=session_factory(engine, read_only=True),
-            store=LocalImageStore(settings.resolved_image_dir),
+            store=open_store(settings),
             limiter=RateLimiter(settings.redis_url),
         )
 

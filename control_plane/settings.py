@@ -104,7 +104,57 @@ class Settings(BaseSettings):
     max_wait_s: int = Field(default=60, ge=0, description="largest N in `Prefer: wait=N`")
 
     image_dir: Path | None = Field(default=None, description="local image store; default data_dir/images")
+    storage_url: str | None = Field(
+        default=None,
+        description="the object store of images, inputs, data sets, weights: s3://bucket/prefix or "
+        "file:///path; default: the local directory image_dir",
+    )
+    s3_endpoint_url: str | None = Field(
+        default=None, description="S3 API endpoint (MinIO, Ceph, ...); default: AWS's for the region"
+    )
+    s3_region: str | None = Field(default=None, description="S3 region; default: boto3's (AWS_REGION, ...)")
+    s3_public_endpoint_url: str | None = Field(
+        default=None,
+        description="where clients reach the S3 endpoint, for presigned URLs (default: s3_endpoint_url)",
+    )
+    storage_downloads: Literal["stream", "redirect"] = Field(
+        default="stream",
+        description="image downloads: streamed by the API, or a 307 redirect to a presigned URL "
+        "(S3 only; clients must reach the store)",
+    )
+    storage_presign_s: int = Field(
+        default=300, ge=1, le=7 * 24 * 3600, description="lifetime of a presigned download URL"
+    )
     model_name: str = "pipeline"
+
+    # Trainings: where `sfumato training run --id ...` runs (the runner: `sfumato worker --queue trainings`).
+    training_executor: Literal["local", "kubernetes"] = Field(
+        default="local", description="local subprocess, or one Kubernetes Job per training"
+    )
+    training_job_template: Path | None = Field(
+        default=None,
+        description="kubernetes: the Job template (JSON; the Helm chart renders it) whose container "
+        "'training' runs the training",
+    )
+    training_gpus: int = Field(default=1, ge=0, description="kubernetes: nvidia.com/gpu per training Job")
+    training_kueue_queue: str | None = Field(
+        default=None, description="kubernetes: Kueue LocalQueue; Jobs are created suspended with its label"
+    )
+    training_job_backoff_limit: int = Field(default=2, ge=0, description="kubernetes: pod retries per Job")
+    training_job_ttl_s: int | None = Field(
+        default=7 * 24 * 3600, ge=0, description="kubernetes: finished Jobs are deleted after this"
+    )
+    training_job_deadline_s: int | None = Field(
+        default=None, gt=0, description="kubernetes: a Job running longer is failed (activeDeadlineSeconds)"
+    )
+    kubernetes_api_url: str | None = Field(
+        default=None, description="default: in-cluster (KUBERNETES_SERVICE_HOST/PORT)"
+    )
+    kubernetes_namespace: str | None = Field(
+        default=None, description="default: the pod's own (service-account namespace file)"
+    )
+    kubernetes_token_file: Path = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
+    kubernetes_ca_file: Path | None = Path("/var/run/secrets/kubernetes.io/serviceaccount/ca.crt")
 
     @field_validator(
         "rate_limit",
@@ -120,6 +170,21 @@ class Settings(BaseSettings):
 
         parse(value)  # ValueError names what does not parse ("10/fortnight")
         return value
+
+    @field_validator("storage_url")
+    @classmethod
+    def _storage_url_scheme(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("s3://", "file://")):
+            raise ValueError("expected s3://bucket/prefix or file:///path")
+        return value
+
+    @model_validator(mode="after")
+    def _redirect_needs_s3(self) -> Settings:
+        if self.storage_downloads == "redirect" and not (self.storage_url or "").startswith("s3://"):
+            raise ValueError(
+                "SFUMATO_STORAGE_DOWNLOADS=redirect needs an S3 store (SFUMATO_STORAGE_URL=s3://...)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _refuse_unsafe_secrets(self) -> Settings:

@@ -8,7 +8,7 @@ import time
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 
 from sfumato.control_plane import jobs
 from sfumato.control_plane.auth import CurrentPrincipal
@@ -217,6 +217,10 @@ async def delete_generation(
         200: {"content": {"image/png": {}}, "description": "the PNG"},
         **NOT_FOUND,
         304: {"description": "Not modified (If-None-Match)"},
+        307: {
+            "description": "with SFUMATO_STORAGE_DOWNLOADS=redirect: a presigned URL of the object "
+            "store (valid for SFUMATO_STORAGE_PRESIGN_S seconds) in `Location`"
+        },
     },
 )
 async def get_image(
@@ -236,8 +240,18 @@ async def get_image(
     headers = {"ETag": etag, "Cache-Control": "private, max-age=31536000, immutable"}
     if if_none_match and _none_match(if_none_match, etag):
         return Response(status_code=304, headers=headers)
+    store, settings = services.store, services.settings
+    if settings.storage_downloads == "redirect":
+        # The owner check above is the API's; the URL then lets this client alone GET the object
+        # for a few minutes, straight from the store (and must not be cached past that).
+        url = await store.presigned_url(image.storage_key, expires_s=settings.storage_presign_s)
+        if url is not None:
+            return RedirectResponse(
+                url, status_code=307, headers={"ETag": etag, "Cache-Control": "private, no-store"}
+            )
     try:
-        data = await services.store.get(image.storage_key)
+        reader = await store.open(image.storage_key)
     except FileNotFoundError:
         raise NotFoundError(f"image {index} of generation {job_id} is missing from the store") from None
-    return Response(data, media_type="image/png", headers=headers)
+    headers["Content-Length"] = str(reader.size)
+    return StreamingResponse(reader.chunks(), media_type="image/png", headers=headers)

@@ -186,3 +186,62 @@ def complete_job():  # -> async (api, job_id, count=1) -> list[bytes]
         return pngs
 
     return complete
+
+
+@dataclass
+class S3Server:
+    """A real S3 API server process (moto's server mode) on a free loopback port."""
+
+    endpoint_url: str
+
+    def bucket(self) -> str:
+        """A fresh, empty bucket."""
+        import boto3
+
+        name = f"sfumato-{secrets.token_hex(6)}"
+        boto3.client("s3", endpoint_url=self.endpoint_url, region_name="us-east-1").create_bucket(Bucket=name)
+        return name
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """``moto_server`` started once per session (``moto[server]``: the S3 REST API over HTTP,
+    presigned URLs and multipart uploads included); any credentials are accepted."""
+    import subprocess
+    import sys
+    import time
+
+    from sfumato.triton_server import free_port
+
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    try:
+        while True:
+            try:
+                if httpx.get(f"{url}/moto-api/", timeout=2).status_code < 500:
+                    break
+            except httpx.HTTPError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"moto_server did not start on {url} (exit code {process.poll()})")
+            time.sleep(0.1)
+        yield S3Server(endpoint_url=url)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.fixture
+def s3_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Credentials for boto3's default chain (moto accepts any)."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "sfumato-test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "sfumato-test-secret")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
+        monkeypatch.delenv(name, raising=False)
