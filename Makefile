@@ -12,7 +12,7 @@ REPO := model_repository
 MODEL_STAMP := $(REPO)/export_manifest.json
 MODEL_INPUTS := $(shell find $(DEMO) export sfumato/serving -type f -not -name '*.pyc' 2>/dev/null)
 
-.PHONY: help venv run test lint model demo-model bench images clean
+.PHONY: help venv run test lint model demo-model bench images clean sdk-docs
 
 help:
 	@echo "make run         serve the demo model: Triton (gRPC :8001) and the REST API (:8080)"
@@ -22,6 +22,7 @@ help:
 	@echo "make demo-model  retrain the demo model from scratch (~35 min on 2 idle cores) and evaluate it"
 	@echo "make bench       benchmarks: tables printed, JSON and plots in bench/results/"
 	@echo "make images      lint the Dockerfiles, then build the images where a container builder exists"
+	@echo "make sdk-docs    the Python SDK's API reference (HTML, from its docstrings) in docs/sdk/"
 
 venv: $(STAMP)
 
@@ -57,6 +58,9 @@ bench: model
 	$(PY) bench/serving.py
 	$(PY) bench/stream.py
 	$(PY) bench/control_plane.py
+	$(PY) bench/workers.py
+	$(PY) bench/events.py
+	$(PY) bench/sdk.py
 
 # Images (docker/): the control plane, training (control plane + PyTorch) and Triton (NGC 24.10).
 # IMAGE_PREFIX=registry.example.com/sfumato make images; BUILDER=podman to choose the builder.
@@ -73,6 +77,10 @@ images: $(STAMP)
 	$(BUILDER) build -f docker/control-plane.Dockerfile --target control-plane -t $(IMAGE_PREFIX)/control-plane:$(IMAGE_TAG) .
 	$(BUILDER) build -f docker/control-plane.Dockerfile --target training -t $(IMAGE_PREFIX)/training:$(IMAGE_TAG) .
 	$(BUILDER) build -f docker/triton.Dockerfile -t $(IMAGE_PREFIX)/triton:$(IMAGE_TAG) .
+
+# The SDK's API reference from its docstrings (pdoc); tests/test_sdk_docs.py builds it too.
+sdk-docs: $(STAMP)
+	$(VENV)/bin/pdoc sfumato.clients.rest sfumato.errors -o docs/sdk --docformat restructuredtext
 
 clean:
 	rm -rf $(REPO)/text_encoder $(REPO)/unet $(REPO)/vae_encoder $(REPO)/vae_decoder $(REPO)/pipeline \

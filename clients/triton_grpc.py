@@ -16,9 +16,11 @@ Errors are :class:`TritonCallError` subclasses from :func:`triton_error`, the on
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -144,6 +146,10 @@ def triton_error(exc: Exception, *, url: str | None = None) -> TritonCallError:
     kind = _BY_CODE.get(code, TritonCallError)
     if code in {"NOT_FOUND", "UNKNOWN", "INTERNAL"} and "is not ready" in message:
         kind = TritonUnavailableError
+    # A restricted protocol called without its header answers UNAVAILABLE over gRPC; it is a
+    # refusal, not an outage.
+    if "protocol is restricted" in message:
+        kind = TritonAccessError
     prefix = f"Triton at {url}: " if url else ""
     return kind(f"{prefix}{message}", code=code)
 
@@ -317,6 +323,18 @@ def stream_generate(
         client.close()
 
 
+async def _stream_ended(responses: Any, timeout_s: float = 5.0) -> bool:
+    """Read a gRPC stream to its end (what is left after the final response); False when it
+    did not end in ``timeout_s`` or failed, and must be cancelled."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for _ in responses:
+                pass
+    except Exception:  # TimeoutError, or the stream failed after all
+        return False
+    return True
+
+
 async def astream_generate(
     client: Any,
     prompt: str,
@@ -325,10 +343,14 @@ async def astream_generate(
     preview_every: int | None = None,
     request_id: str = "",
     headers: Mapping[str, str] | None = None,
+    model: str = STREAM_MODEL,
+    model_version: str = "",
     **options: Any,
 ) -> AsyncIterator[Event]:
-    """:func:`stream_generate` on a ``tritonclient.grpc.aio.InferenceServerClient``. Cancelling
-    the task that reads it (or closing it early) cancels the gRPC stream, and so the request."""
+    """:func:`stream_generate` on a ``tritonclient.grpc.aio.InferenceServerClient`` (``model``:
+    a streaming pipeline, ``model_version`` one of its versions, Triton's choice when empty).
+    Cancelling the task that reads it (or closing it early) cancels the gRPC stream, and so the
+    request."""
 
     import tritonclient.grpc.aio as aio
 
@@ -337,9 +359,16 @@ async def astream_generate(
     async def requests() -> AsyncIterator[dict]:
         # One request, then the end of our side (the gRPC edge forwards a stream once the client
         # has sent all of it); Triton goes on streaming the responses.
-        yield {"model_name": STREAM_MODEL, "inputs": inputs, "request_id": request_id}
+        yield {
+            "model_name": model,
+            "model_version": model_version,
+            "inputs": inputs,
+            "request_id": request_id,
+        }
 
+    ended = False
     try:
+        started = time.monotonic()
         responses = client.stream_infer(requests(), stream_timeout=timeout_s, headers=dict(headers or {}))
     except Exception as exc:
         raise triton_error(exc) from None
@@ -352,10 +381,23 @@ async def astream_generate(
             except Exception as exc:  # grpc.aio.AioRpcError: the whole stream failed
                 raise triton_error(exc) from None
             if error is not None:
-                raise triton_error(error)
+                failure = triton_error(error)
+                # The stream's deadline passed: Triton cancels the request, and the model's
+                # "cancelled" answer can reach us before the stream's own DEADLINE_EXCEEDED.
+                if isinstance(failure, TritonCancelledError) and time.monotonic() - started >= timeout_s:
+                    raise TritonDeadlineError(
+                        f"deadline of {timeout_s} s exceeded ({failure})", code="DEADLINE_EXCEEDED"
+                    )
+                raise failure
             event = _event(result)
-            yield event
             if isinstance(event, Generation):
+                # Let the stream end on its own (Triton ends it right after the final response)
+                # rather than cancel it: Triton 2.51 keeps a decoupled model "live" for good after
+                # a stream cancelled past its final response, and then cannot unload or stop it.
+                ended = await _stream_ended(responses)
+                yield event
                 return
+            yield event
     finally:
-        responses.cancel()
+        if not ended:
+            responses.cancel()

@@ -16,7 +16,7 @@ from sfumato.control_plane.models import ApiKey, User, utcnow
 from sfumato.control_plane.security import generate_api_key, hash_password, verify_password
 from sfumato.errors import AuthenticationError, ConflictError, NotFoundError, UsageError
 
-ROLES = ("admin", "member")
+ROLES = ("admin", "member", "trainer")  # trainer: a member who may also train models
 
 
 async def get_user_by_name(*, session: AsyncSession, name: str) -> User | None:

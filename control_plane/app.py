@@ -32,18 +32,33 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sfumato import __version__
-from sfumato.control_plane import logs, problems, ratelimit
+from sfumato.control_plane import logs, problems, ratelimit, recommendations, registry
 from sfumato.control_plane.metrics import Metrics
-from sfumato.control_plane.routers import accounts, edge, generations, models, operations
+from sfumato.control_plane.routers import (
+    accounts,
+    datasets,
+    edge,
+    gallery,
+    generations,
+    models,
+    operations,
+    trainings,
+)
+from sfumato.control_plane.routers import events as job_events
+from sfumato.control_plane.routers import playground as playground_page
+from sfumato.control_plane.routers import webhooks as webhook_routes
 from sfumato.control_plane.services import Services
 from sfumato.control_plane.settings import Settings, get_settings
 from sfumato.control_plane.worker import run_workers
 
 log = logging.getLogger("sfumato.api")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-# Never shed: the probes and the scrape (an overloaded service must still say so), and job event
-# streams, which are long-lived and have their own rate budget.
-_NOT_SHED = re.compile(r"^/(healthz|readyz|metrics)$|^/v1/generations/[^/]+/events$")
+# Never shed: the probes and the scrape (an overloaded service must still say so), job event
+# streams (generations and trainings), which are long-lived and have their own rate budget, and
+# the playground's static files (cheap; the page must load to tell its user that the API is busy).
+_NOT_SHED = re.compile(
+    r"^/(healthz|readyz|metrics)?$|^/v1/(generations|trainings)/[^/]+/events$|^/playground/"
+)
 SHED_RETRY_AFTER_S = 1
 
 DESCRIPTION = """
@@ -56,17 +71,19 @@ Errors are RFC 9457 `application/problem+json`.
 class BodySizeLimit:
     """Reject request bodies over ``limit`` bytes with 413, whether or not Content-Length is sent."""
 
-    def __init__(self, app: ASGIApp, *, limit: int) -> None:
+    def __init__(self, app: ASGIApp, *, limit: int, paths: dict[str, int] | None = None) -> None:
         self.app = app
         self.limit = limit
+        self.paths = paths or {}  # exact paths with a limit of their own (data set uploads)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.paths.get(scope["path"], self.limit)
         declared = dict(scope.get("headers", [])).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await self._reject(scope, send)
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await self._reject(scope, send, limit)
             return
         seen = 0
         too_large = False
@@ -77,7 +94,7 @@ class BodySizeLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.limit:
+                if seen > limit:
                     too_large = True
                     raise _TooLarge
             return message
@@ -90,7 +107,7 @@ class BodySizeLimit:
             if responder is None:
                 responder = "limit" if too_large else "app"
                 if responder == "limit":
-                    await self._reject(scope, send)
+                    await self._reject(scope, send, limit)
             if responder == "app":
                 await send(message)
 
@@ -99,13 +116,13 @@ class BodySizeLimit:
         except _TooLarge:
             if responder is None:
                 responder = "limit"
-                await self._reject(scope, send)
+                await self._reject(scope, send, limit)
             elif responder == "app":  # the app had already started its own response
                 raise
 
-    async def _reject(self, scope: Scope, send: Send) -> None:
+    async def _reject(self, scope: Scope, send: Send, limit: int) -> None:
         _count_rejection(scope, "body_size")
-        body = problems.problem_body(413, "Payload too large", f"request body larger than {self.limit} bytes")
+        body = problems.problem_body(413, "Payload too large", f"request body larger than {limit} bytes")
         await _send_problem(send, body)
 
 
@@ -246,17 +263,35 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.services = services or Services.build(settings, metrics=metrics)
         svc: Services = app.state.services
+        await svc.start()  # the job-event hub, before the workers that wait on it
+        if settings.model_repository is not None:  # the model registry learns what is exported
+            async with svc.sessions() as session:
+                await registry.sync_repository(session=session, repository=settings.model_repository)
         stop = asyncio.Event()
         workers = None
         if settings.workers > 0:
             workers = asyncio.create_task(run_workers(svc, count=settings.workers, stop=stop))
+        runners = None
+        if settings.training_runners > 0:
+            from sfumato.control_plane.training_runner import run_training_runners
+
+            runners = asyncio.create_task(
+                run_training_runners(svc, count=settings.training_runners, stop=stop)
+            )
         key_usage = asyncio.create_task(
             svc.key_usage.run(sessions=svc.sessions, interval_s=settings.key_usage_flush_s)
         )
+        refits = None
+        if settings.recommend_refit_interval_s > 0:
+            refits = asyncio.create_task(recommendations.run_refits(svc, stop=stop))
         try:
             yield
         finally:
             stop.set()
+            if refits is not None:
+                refits.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await refits
             key_usage.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await key_usage
@@ -266,6 +301,8 @@ def create_app(
                 log.exception("writing API keys' last use at shutdown failed")
             if workers is not None:
                 await workers
+            if runners is not None:
+                await runners
             if services is None:
                 await svc.close()
 
@@ -279,14 +316,25 @@ def create_app(
         app.state.services = services
     problems.install(app)
     app.include_router(generations.router)
+    app.include_router(job_events.router)
     app.include_router(accounts.router)
     app.include_router(models.router)
+    app.include_router(models.triton_router)
     app.include_router(operations.router)
     app.include_router(edge.router)
+    app.include_router(gallery.router)
+    app.include_router(webhook_routes.router)
+    # The web playground: the page at `/`, its files under /playground (routers/playground.py).
+    app.include_router(playground_page.router)
+    app.mount(playground_page.PREFIX, playground_page.static_files(), name="playground")
+    app.include_router(datasets.router)
+    app.include_router(trainings.router)
 
     # add_middleware wraps: the last added runs first. Request context outermost, so that a 503
     # or a 413 still carries X-Request-ID and is counted in the metrics and the access log.
-    app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
+    app.add_middleware(
+        BodySizeLimit, limit=settings.max_body_bytes, paths={"/v1/datasets": settings.max_dataset_bytes}
+    )
     app.add_middleware(LoadShedder, limit=settings.max_requests_in_flight)
     app.add_middleware(RequestContext)
     return app

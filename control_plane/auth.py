@@ -12,14 +12,16 @@ address, so that nobody can lock a user out from another address.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import jwt
 from fastapi import Depends
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.requests import HTTPConnection
+from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from sfumato.control_plane import accounts, ratelimit
 from sfumato.control_plane.deps import get_read_session, get_services
@@ -107,6 +109,14 @@ async def _count_failure(services: Services, address: str) -> None:
     )
 
 
+async def refuse_missing_credentials(*, services: Services, address: str) -> NoReturn:
+    """A request without credentials: counted as a failed authentication of ``address`` (429 once
+    its budget is spent), else :class:`AuthenticationError`."""
+    await _failure_budget_left(services, address)
+    await _count_failure(services, address)
+    raise AuthenticationError("missing bearer credentials (an API key or an access token)")
+
+
 async def authenticate(*, token: str, session: AsyncSession, services: Services, address: str) -> Principal:
     """The principal a bearer token (API key or JWT) stands for, with the per-address throttle
     on failures. Ends ``session``'s transaction (read-only) before returning."""
@@ -129,9 +139,7 @@ async def get_principal(
 ) -> Principal:
     address = client_address(connection)
     if credentials is None or credentials.scheme.lower() != "bearer" or not credentials.credentials:
-        await _failure_budget_left(services, address)
-        await _count_failure(services, address)
-        raise AuthenticationError("missing bearer credentials (an API key or an access token)")
+        await refuse_missing_credentials(services=services, address=address)
     principal = await authenticate(
         token=credentials.credentials, session=session, services=services, address=address
     )
@@ -181,3 +189,45 @@ async def require_admin(principal: Annotated[Principal, Depends(get_principal)])
 
 CurrentPrincipal = Annotated[Principal, Depends(get_principal)]
 AdminPrincipal = Annotated[Principal, Depends(require_admin)]
+
+
+# --------------------------------------------------------------------------- WebSockets
+# Browsers cannot set headers on a WebSocket: the credential comes as a query parameter
+# (``?api_key=`` or ``?access_token=``) or as the first message ``{"authorization": "Bearer ..."}``.
+
+WS_FIRST_MESSAGE_S = 10.0  # how long an accepted WebSocket may take to send its credential
+
+
+async def websocket_credential(websocket: WebSocket, *, timeout_s: float = WS_FIRST_MESSAGE_S) -> str | None:
+    """The bearer credential of an accepted WebSocket: its query parameter, else its first
+    message; ``None`` when it sent none (in time, or in the expected form)."""
+    token = websocket.query_params.get("api_key") or websocket.query_params.get("access_token")
+    if token:
+        return token
+    try:
+        async with asyncio.timeout(timeout_s):
+            message = await websocket.receive_json()
+    except (TimeoutError, ValueError, KeyError, WebSocketDisconnect):
+        return None
+    value = message.get("authorization") if isinstance(message, dict) else None
+    if not isinstance(value, str):
+        return None
+    scheme, _, token = value.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+async def authenticate_websocket(
+    websocket: WebSocket, *, token: str | None, session: AsyncSession, services: Services
+) -> Principal:
+    """The principal of a WebSocket's credential, with the same failure throttle as REST and
+    the route's rate budget charged (``job_reads`` for a job's event stream)."""
+    address = client_address(websocket)
+    if not token:
+        await _failure_budget_left(services, address)
+        await _count_failure(services, address)
+        raise AuthenticationError("missing credentials: ?api_key=, ?access_token= or a first message")
+    principal = await authenticate(token=token, session=session, services=services, address=address)
+    route = getattr(websocket.scope.get("route"), "path", "")
+    policy, limit = ratelimit.request_budget(services.settings, method="GET", route=route)
+    await services.limiter.hit(limit, scope=policy, principal=principal.user_id)
+    return principal

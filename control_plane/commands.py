@@ -1,8 +1,10 @@
-"""The control plane's commands: ``serve``, ``up``, ``edge``, ``worker``, ``admin``, ``db``, ``storage``."""
+"""The control plane's commands: ``serve``, ``up``, ``edge``, ``worker``, ``admin``, ``db``, ``storage``,
+``recommend``."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -47,6 +49,7 @@ def _up(args: argparse.Namespace) -> int:
     starts). Triton and the edge are supervised (restarted when they exit) and die with this
     process, also when it is killed with SIGKILL (:mod:`sfumato.process_guard`)."""
     import asyncio
+    import importlib.util
     import signal
 
     import uvicorn
@@ -57,10 +60,12 @@ def _up(args: argparse.Namespace) -> int:
     from sfumato.control_plane.edge_proxy import EdgeProxy
     from sfumato.control_plane.metrics import Metrics
     from sfumato.supervisor import Supervisor
-    from sfumato.triton_server import TritonServer
+    from sfumato.triton_server import TritonServer, connect_host
 
     settings = _settings()
     migrate.upgrade(settings.resolved_database_url)
+    if settings.training_runners == 0 and importlib.util.find_spec("torch") is not None:
+        settings = settings.model_copy(update={"training_runners": 1})  # PyTorch here: trainings run here
 
     async def first_key() -> str | None:
         engine = create_engine(settings.resolved_database_url)
@@ -103,7 +108,7 @@ def _up(args: argparse.Namespace) -> int:
     if args.edge_port:
         edge = EdgeProxy(
             work_dir=settings.data_dir / "edge",
-            api=f"http://{'127.0.0.1' if args.host in {'0.0.0.0', '::'} else args.host}:{args.port}",
+            api=f"http://{connect_host(args.host)}:{args.port}",
             triton=triton.grpc_url,
             edge_key=settings.edge_secret(),
             host=args.edge_host,
@@ -119,6 +124,11 @@ def _up(args: argparse.Namespace) -> int:
         if edge_supervisor is not None:
             edge_supervisor.start()
         settings = settings.model_copy(update={"triton_url": triton.grpc_url})
+        if settings.model_repository is None:  # the registry registers what this Triton serves
+            settings = settings.model_copy(update={"model_repository": Path(args.model_repository)})
+        if "SFUMATO_TEXT_TOKENIZER" not in os.environ:  # the served pipeline's own tokenizer
+            tokenizer = Path(args.model_repository) / "pipeline" / "1" / "assets" / "tokenizer.json"
+            settings = settings.model_copy(update={"text_tokenizer": tokenizer})
         print(f"Triton ready: gRPC {triton.grpc_url}, metrics {triton.metrics_url} (supervised)")
         if edge_supervisor is not None:
             scheme = "TLS" if args.edge_tls_cert else "h2c"
@@ -207,7 +217,14 @@ def _worker(args: argparse.Namespace) -> int:
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
         try:
-            await run_workers(services, count=args.count or max(settings.workers, 1), stop=stop)
+            await services.start()
+            if args.queue == "trainings":
+                from sfumato.control_plane.training_runner import run_training_runners
+
+                # One training at a time per runner; --count runners in this process.
+                await run_training_runners(services, count=args.count or 1, stop=stop)
+            else:
+                await run_workers(services, count=args.count or max(settings.workers, 1), stop=stop)
         finally:
             await services.close()
 
@@ -263,6 +280,25 @@ def _storage_copy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recommend_evaluate(args: argparse.Namespace) -> int:
+    """The recommender's offline evaluation on the seeded synthetic community (no Triton needed:
+    the text encoder runs in-process from the exported model repository)."""
+    from sfumato.control_plane.recommender import evaluation
+
+    reports = [
+        evaluation.evaluate(
+            repository=Path(args.repository), n_users=args.users, n_items=args.items, seed=seed
+        )
+        for seed in args.seeds
+    ]
+    report = evaluation.combine(reports)
+    print(evaluation.table(report))
+    if args.json:
+        evaluation.save(report, Path(args.json), Path(args.plot))
+        print(f"saved {args.json} and {args.plot}", file=sys.stderr)
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     sv = sub.add_parser("serve", help="run the control plane (REST API) with in-process workers")
     sv.add_argument("--host", default="127.0.0.1")
@@ -296,8 +332,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     ed.add_argument("--log-level", default="info")
     ed.set_defaults(func=_edge)
 
-    wk = sub.add_parser("worker", help="run generation workers alone (scale out)")
+    wk = sub.add_parser("worker", help="run generation workers, or a training runner, alone (scale out)")
     wk.add_argument("--count", type=int, help="workers in this process (default: SFUMATO_WORKERS)")
+    wk.add_argument(
+        "--queue",
+        choices=["generations", "trainings"],
+        default="generations",
+        help="generations: generation workers; trainings: a training runner (one training at a time)",
+    )
     wk.add_argument("--log-level", default="info")
     wk.set_defaults(func=_worker)
 
@@ -305,7 +347,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     admin_sub = admin.add_subparsers(dest="admin_command", required=True, metavar="ACTION")
     ck = admin_sub.add_parser("create-key", help="create a user if needed and print a new API key for it")
     ck.add_argument("--user", required=True)
-    ck.add_argument("--role", choices=["admin", "member"], default="member")
+    ck.add_argument("--role", choices=["admin", "member", "trainer"], default="member")
     ck.add_argument("--name", default="", help="a label for the key")
     ck.set_defaults(func=_create_key)
 
@@ -325,3 +367,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     get.add_argument("prefix")
     get.add_argument("target", help="local folder")
     get.set_defaults(func=_storage_copy)
+
+    rec = sub.add_parser("recommend", help="the recommender: offline evaluation")
+    rec_sub = rec.add_subparsers(dest="recommend_command", required=True, metavar="ACTION")
+    ev = rec_sub.add_parser(
+        "evaluate",
+        help="recall@10 / NDCG@10 of popularity, ALS, content and the hybrid on a synthetic community",
+    )
+    ev.add_argument(
+        "--repository", default="model_repository", help="the exported model repository (text encoder)"
+    )
+    ev.add_argument("--users", type=int, default=2000)
+    ev.add_argument("--items", type=int, default=800)
+    ev.add_argument(
+        "--seeds", type=int, nargs="+", default=[0, 1, 2], help="one community per seed; mean reported"
+    )
+    ev.add_argument("--json", default="docs/figures/recommender-evaluation.json")
+    ev.add_argument("--plot", default="docs/figures/recommender-evaluation.png")
+    ev.set_defaults(func=_recommend_evaluate)

@@ -4,7 +4,9 @@ The edge proxy (:mod:`sfumato.control_plane.edge_proxy`, Caddy) buffers each cal
 and asks this module before it forwards anything. Enforced, in this order:
 
 1. **Who**: ``authorization: Bearer <API key or access token>`` in the call's metadata, checked
-   exactly as REST checks it (revoked keys, disabled users, expired tokens) → else UNAUTHENTICATED.
+   exactly as REST checks it (revoked keys, disabled users, expired tokens) → else UNAUTHENTICATED;
+   failures are counted per caller address (the edge passes the TCP peer) with the REST budget
+   (``SFUMATO_AUTH_FAILURE_RATE_LIMIT``): an address that spent it gets RESOURCE_EXHAUSTED.
 2. **What**: only these RPCs of ``inference.GRPCInferenceService`` pass: ``ServerLive``,
    ``ServerReady``, ``ServerMetadata``, ``ModelReady``, ``ModelMetadata``, ``ModelInfer``,
    ``ModelStreamInfer``, and ``grpc.health.v1.Health/Check``. The model named in the request
@@ -147,6 +149,7 @@ async def authorize(
     authorization: str | None,
     grpc_timeout: str | None,
     call_id: str,
+    address: str,
     body: bytes,
 ) -> Decision:
     """Decide one gRPC call (see the module docstring) and, when it passes as inference, count it
@@ -159,6 +162,7 @@ async def authorize(
             authorization=authorization,
             grpc_timeout=grpc_timeout,
             call_id=call_id,
+            address=address,
             body=body,
         )
     except _Refused as refused:
@@ -175,18 +179,22 @@ async def _decide(
     authorization: str | None,
     grpc_timeout: str | None,
     call_id: str,
+    address: str,
     body: bytes,
 ) -> Decision:
     settings = services.settings
     scheme, _, token = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise _Refused(
-            "unauthenticated", UNAUTHENTICATED, "missing 'authorization: Bearer <API key or access token>'"
-        )
     try:
-        principal = await auth.authenticate_bearer(token.strip(), session=session, services=services)
+        if scheme.lower() != "bearer" or not token.strip():
+            await auth.refuse_missing_credentials(services=services, address=address)
+        # The same per-address throttle on failures as REST (the edge passes the caller's address).
+        principal = await auth.authenticate(
+            token=token.strip(), session=session, services=services, address=address
+        )
     except AuthenticationError as exc:
         raise _Refused("unauthenticated", UNAUTHENTICATED, str(exc)) from None
+    except RateLimitedError as exc:
+        raise _Refused("rate_limited", RESOURCE_EXHAUSTED, f"{exc} (retry in {exc.retry_after} s)") from None
 
     if rpc not in _RPCS:
         raise _Refused(

@@ -110,6 +110,7 @@ def render_caddyfile(
 			rewrite /internal/edge/authorize
 			header_up X-Sfumato-Edge-Key {{env.{EDGE_KEY_ENV}}}
 			header_up X-Sfumato-Rpc {{http.request.orig_uri.path}}
+			header_up X-Sfumato-Client-Address {{http.request.remote.host}}
 			header_up Content-Type application/octet-stream
 			header_up -Te
 			@allowed status 200

@@ -1,11 +1,10 @@
-"""Generation jobs: submission (idempotent), reads, cancel, delete, and the worker's claim/lease.
+"""Generation jobs: submission (idempotent), reads, waiting, cancel, retry and delete.
 
-Plain functions taking a keyword-only ``session``; routers and workers call them. A job is
-committed before any work starts. Workers claim with a lease: on PostgreSQL with
-``FOR UPDATE SKIP LOCKED`` (concurrent claimers skip each other's rows), on SQLite inside one
-``BEGIN IMMEDIATE`` transaction (the single writer serialises claimers). A job whose lease
-expired (its worker died) is claimable again; completion is conditional on still holding the
-lease, so a job that runs twice is recorded once.
+Plain functions taking a keyword-only ``session``; routers call them, and every one of them ends
+its transaction before it returns (routers neither query nor commit; on SQLite an open
+transaction holds the writer lock). A job is committed before any work starts. What workers do
+with a job (claim, heartbeat, complete, requeue, ...) is the lease protocol, in
+:mod:`sfumato.control_plane.leases`.
 """
 
 from __future__ import annotations
@@ -13,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
+import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -21,7 +22,7 @@ from sqlalchemy import and_, delete, func, or_, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from sfumato.control_plane import pagination, uploads
+from sfumato.control_plane import events, pagination, registry, uploads, webhooks
 from sfumato.control_plane.auth import Principal
 from sfumato.control_plane.models import (
     FINAL_STATUSES,
@@ -32,13 +33,88 @@ from sfumato.control_plane.models import (
     new_id,
     utcnow,
 )
-from sfumato.control_plane.schemas import GenerationCreate
+from sfumato.control_plane.pagination import Page
+from sfumato.control_plane.schemas import GenerationCreate, GenerationOut, ImageOut, Timings
 from sfumato.control_plane.settings import Settings
 from sfumato.control_plane.storage import ImageStore
+from sfumato.control_plane.triton_gateway import TritonGateway
 from sfumato.errors import ConflictError, NotFoundError, RateLimitedError, UsageError
+from sfumato.serving.contract import JOB_OPTION_NAMES
 from sfumato.serving.request import MAX_SEED
 
 ACTIVE = ("queued", "running")
+
+
+# --------------------------------------------------------------------------- the resource and its events
+
+
+def to_out(job: Job, images: list[Image] | None = None) -> GenerationOut:
+    """The generation resource as ``GET /v1/generations/{id}`` returns it (``images``: instead
+    of ``job.images``, for a job whose images are not loaded)."""
+    images = job.images if images is None else images
+    created = job.created_at
+    timings = Timings(
+        queued_s=(job.started_at - created).total_seconds() if job.started_at else None,
+        inference_s=job.inference_s,
+        total_s=(job.finished_at - created).total_seconds() if job.finished_at else None,
+    )
+    params = {k: v for k, v in job.params.items() if not k.endswith("_key")}
+    params.update({k[:-4]: True for k in job.params if k.endswith("_key")})
+    return GenerationOut(
+        id=job.id,
+        status=job.status,  # type: ignore[arg-type]
+        progress=job.progress,
+        params=params,
+        model={"name": job.model_name, "version": job.model_version},
+        attempts=job.attempts,
+        error=job.error,
+        created_at=created,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        timings=timings,
+        seeds=[img.seed for img in images],
+        images=[
+            ImageOut(
+                index=img.index,
+                url=f"/v1/generations/{job.id}/images/{img.index}",
+                seed=img.seed,
+                width=img.width,
+                height=img.height,
+                sha256=img.sha256,
+            )
+            for img in images
+        ],
+        webhook=job.webhook,
+        webhook_events_filter=job.webhook_events if job.webhook else None,
+    )
+
+
+def resource(job: Job, images: list[Image] | None = None) -> dict[str, Any]:
+    """The job's resource as JSON data (of its ``status`` and ``completed`` events): a
+    generation's, or a training's as ``GET /v1/trainings/{id}`` answers it."""
+    if job.queue == "trainings":
+        from sfumato.control_plane.trainings import to_out as training_out
+
+        return training_out(job).model_dump(mode="json")
+    return to_out(job, images).model_dump(mode="json")
+
+
+async def publish_state(
+    *,
+    session: AsyncSession,
+    job: Job,
+    images: list[Image] | None = None,
+    kind: str | None = None,
+    new: bool = False,
+) -> None:
+    """Publish the job's state as it now stands in this transaction: ``completed`` once it is
+    final (and its progress events dropped), else ``status``. ``new``: created in this
+    transaction."""
+    final = job.status in FINAL_STATUSES
+    kind = kind or ("completed" if final else "status")
+    await events.publish_many(session=session, events=[(job.id, kind, resource(job, images))], new=new)
+    if final:  # after numbering the event: the numbers never go back
+        await events.drop_progress(session=session, job_id=job.id)
 
 
 # --------------------------------------------------------------------------- submission
@@ -49,6 +125,28 @@ def request_hash(body: GenerationCreate) -> str:
         body.model_dump(mode="json", exclude_none=True), sort_keys=True, separators=(",", ":")
     )
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+async def _check_unfinished_cap(session: AsyncSession, *, settings: Settings, principal: Principal) -> None:
+    """Raise 429 when the caller already has ``max_queued_jobs_per_user`` unfinished jobs.
+
+    Counted under a lock on the owner's row, so that concurrent submissions cannot both see
+    "limit - 1" and overshoot the cap. PostgreSQL: a row lock held until commit (the count is a
+    second statement, so that it reads after the lock is granted). SQLite needs none: BEGIN
+    IMMEDIATE already serialises writing transactions.
+    """
+    if session.bind is not None and session.bind.dialect.name == "postgresql":
+        await session.execute(select(User.id).where(User.id == principal.user_id).with_for_update())
+    active = await session.scalar(
+        select(func.count()).select_from(Job).where(Job.owner_id == principal.user_id, Job.status.in_(ACTIVE))
+    )
+    if (active or 0) >= settings.max_queued_jobs_per_user:
+        await session.rollback()
+        raise RateLimitedError(
+            f"you have {active} unfinished jobs; the limit is {settings.max_queued_jobs_per_user}",
+            retry_after=5,
+            limit="queued_jobs",
+        )
 
 
 async def _idempotent_job(
@@ -80,36 +178,43 @@ async def create_job(
     principal: Principal,
     body: GenerationCreate,
     idempotency_key: str | None = None,
+    triton: TritonGateway | None = None,
 ) -> tuple[Job, bool]:
-    """Record a new queued job (or return the one this idempotency key made); ``(job, created)``."""
+    """Record a new queued job (or return the one this idempotency key made); ``(job, created)``.
+
+    With ``triton``, the model version that serves it is chosen now (``model`` /
+    ``model_version``, else the deployed default; :func:`registry.choose`) and recorded in the
+    job, and the request is checked against that model's limits (422 naming the field)."""
     digest = request_hash(body)
     if idempotency_key is not None:
         if not 1 <= len(idempotency_key) <= 255:
             raise UsageError("Idempotency-Key: must be 1 to 255 characters", field="Idempotency-Key")
         existing = await _idempotent_job(session, principal=principal, key=idempotency_key, digest=digest)
         if existing is not None:
+            await session.commit()
             return existing, False
-    # Count and insert under a lock on the owner's row, so that concurrent submissions cannot
-    # both see "limit - 1" and overshoot the cap. PostgreSQL: a row lock held until commit (the
-    # count is a second statement, so that it reads after the lock is granted). SQLite needs
-    # none: BEGIN IMMEDIATE already serialises writing transactions.
-    if session.bind is not None and session.bind.dialect.name == "postgresql":
-        await session.execute(select(User.id).where(User.id == principal.user_id).with_for_update())
-    active = await session.scalar(
-        select(func.count()).select_from(Job).where(Job.owner_id == principal.user_id, Job.status.in_(ACTIVE))
-    )
-    if (active or 0) >= settings.max_queued_jobs_per_user:
-        raise RateLimitedError(
-            f"you have {active} unfinished jobs; the limit is {settings.max_queued_jobs_per_user}",
-            retry_after=5,
-            limit="queued_jobs",
+    chosen: registry.Chosen | None = None
+    served = None
+    if triton is not None:
+        await session.commit()  # end the reads so far: no transaction is open while Triton is asked
+        chosen = await registry.choose(session=session, model=body.model, version=body.model_version)
+        await session.commit()
+        served = await registry.check_limits(
+            triton=triton, chosen=chosen, fields=body.model_dump(exclude_none=True, exclude={"image", "mask"})
         )
+    await _check_unfinished_cap(session, settings=settings, principal=principal)
     if body.mask is not None and body.image is None:
         raise UsageError("mask: needs an image to inpaint", field="mask")
     if body.strength is not None and body.image is None:
         raise UsageError("strength: only applies with an image", field="strength")
     job_id = new_id()
-    params = body.model_dump(mode="json", exclude_none=True, exclude={"image", "mask"})
+    if body.webhook is not None:  # what the operator allows (https, public hosts, listed http hosts)
+        webhooks.check_target(body.webhook, settings)
+    params = body.model_dump(
+        mode="json", exclude_none=True, exclude={"image", "mask", "model", "model_version", *JOB_OPTION_NAMES}
+    )
+    if chosen is not None:  # what serves it, fixed now: a deploy meanwhile changes new jobs only
+        params.update(model=chosen.model, model_version=chosen.version)
     # Fix the seed now: a retried or re-claimed job then draws exactly the same images.
     params.setdefault("seed", secrets.randbelow(MAX_SEED - 16))
     inputs: dict[str, bytes] = {}
@@ -127,6 +232,7 @@ async def create_job(
         ):
             if value is not None and value != actual:
                 raise UsageError(f"{name}: {value} does not match the image's {actual}", field=name)
+        registry.check_image_size(served, width=image.width, height=image.height)
         inputs["image"] = image.png
         if body.mask is not None:
             mask = await uploads.read_image(
@@ -152,14 +258,20 @@ async def create_job(
         owner_id=principal.user_id,
         status="queued",
         params=params,
-        model_name=settings.model_name,
+        model_name=chosen.model if chosen is not None else settings.model_name,
+        model_version=str(chosen.version) if chosen is not None else "",
         images=[],
+        webhook=body.webhook,
+        webhook_events=body.webhook_events_filter,
     )
+    if body.webhook is not None:  # the user's signing secret exists before the first delivery
+        await webhooks.ensure_secret(session=session, user_id=principal.user_id)
     session.add(job)
     try:
         # The record's foreign key needs the job row first, and with no ORM relationship between
         # the two the unit of work would not order the inserts: flush the job on its own.
         await session.flush()
+        await publish_state(session=session, job=job, images=[], new=True)
         if idempotency_key is not None:
             session.add(
                 IdempotencyRecord(
@@ -180,6 +292,7 @@ async def create_job(
         )
         if existing is None:
             raise
+        await session.commit()
         return existing, False
     return job, True
 
@@ -214,25 +327,130 @@ async def purge_expired_idempotency(
 # --------------------------------------------------------------------------- reads
 
 
-async def get_job(*, session: AsyncSession, principal: Principal, job_id: str) -> Job:
-    """The caller's job; another user's job is indistinguishable from a missing one."""
+async def get_job(
+    *, session: AsyncSession, principal: Principal, job_id: str, queue: str = "generations"
+) -> Job:
+    """The caller's job of ``queue`` (a generation, or a training); another user's job is
+    indistinguishable from a missing one. (Inside a transaction that the caller goes on with;
+    :func:`read_job` ends it.)"""
     job = await session.get(Job, job_id, populate_existing=True)
-    if job is None or job.owner_id != principal.user_id:
-        raise NotFoundError(f"no generation {job_id}")
+    if job is None or job.owner_id != principal.user_id or job.queue != queue:
+        raise NotFoundError(f"no {'generation' if queue == 'generations' else 'training'} {job_id}")
+    return job
+
+
+async def read_job(*, session: AsyncSession, principal: Principal, job_id: str) -> Job:
+    """The caller's job, read in a transaction that is over when this returns."""
+    try:
+        return await get_job(session=session, principal=principal, job_id=job_id)
+    finally:
+        await session.commit()  # end the read transaction now (SQLite: free the writer lock)
+
+
+async def read_image(*, session: AsyncSession, principal: Principal, job_id: str, index: int) -> Image:
+    """Image ``index`` of the caller's job."""
+    job = await read_job(session=session, principal=principal, job_id=job_id)
+    image = next((img for img in job.images if img.index == index), None)
+    if image is None:
+        raise NotFoundError(f"generation {job_id} has no image {index}")
+    return image
+
+
+async def job_exists(*, session: AsyncSession, job_id: str) -> bool:
+    """Whether the job is still there (whoever owns it)."""
+    try:
+        return await session.scalar(select(Job.id).where(Job.id == job_id)) is not None
+    finally:
+        await session.commit()
+
+
+async def wait_for_job(
+    *, session: AsyncSession, hub: events.EventHub, principal: Principal, job: Job, wait_s: float
+) -> Job:
+    """``Prefer: wait``: the job once it is final, or as it is after ``wait_s`` seconds.
+
+    Woken by the job's ``completed`` event (no polling): it listens first, then reads the job
+    once (so a change in between is not missed), and reads it again when the event comes. Each
+    read is its own short transaction; nothing is held while waiting."""
+    if job.status in FINAL_STATUSES or wait_s <= 0:
+        return job
+    deadline = time.monotonic() + wait_s
+    with hub.listen(job.id) as subscription:
+        job = await read_job(session=session, principal=principal, job_id=job.id)
+        while job.status not in FINAL_STATUSES:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            event = await subscription.get(min(left, hub.resync_s))
+            if event is None and time.monotonic() >= deadline:
+                break  # (read once more below)
+            if event is None or event.kind == "completed":  # done, or re-read to be sure
+                job = await read_job(session=session, principal=principal, job_id=job.id)
+    if job.status not in FINAL_STATUSES:  # timed out: as it is now
+        job = await read_job(session=session, principal=principal, job_id=job.id)
     return job
 
 
 @dataclass(frozen=True, slots=True)
-class Page:
-    items: list[Job]
-    next_cursor: str | None
+class EventStream:
+    """Where a client's event stream of one job starts (:func:`open_event_stream`)."""
+
+    job_id: str
+    first: list[events.JobEvent]  # sent before the live events
+    after_seq: int  # the live events follow this one
+    done: bool  # ``first`` ends with the ``completed`` event: nothing follows
+
+
+async def open_event_stream(
+    *,
+    session: AsyncSession,
+    principal: Principal,
+    job_id: str,
+    last_event_id: int | None,
+    queue: str = "generations",
+) -> EventStream:
+    """The start of an SSE / WebSocket stream of the caller's job (another user's job is
+    :class:`NotFoundError`). A new stream starts with the job as it stands (a ``status`` event,
+    or ``completed`` when it is final) numbered as the job's latest event; a resumed one
+    (``Last-Event-ID``) with the stored events after that id. A job that is final and whose
+    events were purged still ends its stream with a ``completed`` event."""
+    job = await get_job(session=session, principal=principal, job_id=job_id, queue=queue)
+    final = job.status in FINAL_STATUSES
+    if last_event_id is None:
+        seq = await events.last_seq(session=session, job_id=job_id)
+        await session.commit()
+        kind = "completed" if final else "status"
+        now = events.JobEvent(job.id, seq, kind, resource(job), utcnow())
+        return EventStream(job_id=job.id, first=[now], after_seq=seq, done=final)
+    last = await events.last_seq(session=session, job_id=job_id)
+    stored = await events.history(session=session, job_id=job_id, after_seq=last_event_id)
+    done = any(e.kind == "completed" for e in stored)
+    if final and not done:
+        stored.append(events.JobEvent(job.id, max(last, last_event_id), "completed", resource(job), utcnow()))
+        done = True
+    return EventStream(
+        job_id=job.id, first=stored, after_seq=stored[-1].seq if stored else last_event_id, done=done
+    )
+
+
+async def follow_events(*, hub: events.EventHub, stream: EventStream) -> AsyncIterator[events.JobEvent]:
+    """The events of a stream opened with :func:`open_event_stream`, until ``completed`` (or the
+    job is deleted)."""
+    for event in stream.first:
+        yield event
+    if stream.done:
+        return
+    async for event in hub.subscribe(stream.job_id, after_seq=stream.after_seq):
+        yield event
+        if event.kind == "completed":
+            return
 
 
 async def list_jobs(
     *, session: AsyncSession, principal: Principal, limit: int, cursor: str | None, status: str | None
-) -> Page:
+) -> Page[Job]:
     """The caller's jobs, newest first, keyset-paginated on (created_at, id)."""
-    query = select(Job).where(Job.owner_id == principal.user_id)
+    query = select(Job).where(Job.owner_id == principal.user_id, Job.queue == "generations")
     if status is not None:
         query = query.where(Job.status == status)
     if cursor is not None:
@@ -246,13 +464,14 @@ async def list_jobs(
     rows = list(
         (await session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1))).all()
     )
+    await session.commit()  # end the read transaction now, not after the response is sent
     more = len(rows) > limit
     items = rows[:limit]
     last = items[-1] if more and items else None
     return Page(items=items, next_cursor=pagination.encode_cursor(last.created_at, last.id) if last else None)
 
 
-# --------------------------------------------------------------------------- cancel / delete
+# --------------------------------------------------------------------------- cancel / retry / delete
 
 
 async def cancel_job(*, session: AsyncSession, principal: Principal, job_id: str) -> Job:
@@ -272,8 +491,51 @@ async def cancel_job(*, session: AsyncSession, principal: Principal, job_id: str
         await session.execute(
             update(Job).where(Job.id == job_id, Job.status == "running").values(cancel_requested=True)
         )
+    else:  # canceled at once: final now
+        job = await get_job(session=session, principal=principal, job_id=job_id)
+        await publish_state(session=session, job=job)
     await session.commit()
-    return await get_job(session=session, principal=principal, job_id=job_id)
+    return await read_job(session=session, principal=principal, job_id=job_id)
+
+
+RETRYABLE = frozenset({"failed", "canceled"})
+
+
+async def retry_job(*, session: AsyncSession, settings: Settings, principal: Principal, job_id: str) -> Job:
+    """Queue a failed or canceled job of the caller's again, as new: attempts, error, outage
+    clock and timings reset, the parameters kept, the seed among them, so that it draws the
+    images a first run would have drawn. It counts against the caller's unfinished-jobs cap."""
+    status = (await get_job(session=session, principal=principal, job_id=job_id)).status
+    if status not in RETRYABLE:
+        await session.rollback()
+        raise ConflictError(f"generation {job_id} is {status}; only a failed or canceled one can be retried")
+    await _check_unfinished_cap(session, settings=settings, principal=principal)
+    result = await session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status.in_(RETRYABLE))
+        .values(
+            status="queued",
+            attempts=0,
+            error=None,
+            progress=0.0,
+            cancel_requested=False,
+            outage_since=None,
+            available_at=utcnow(),
+            started_at=None,
+            finished_at=None,
+            inference_s=None,
+            lease_owner=None,
+            lease_expires_at=None,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount == 0:  # retried or deleted by a concurrent request meanwhile
+        await session.rollback()
+        raise ConflictError(f"generation {job_id} changed meanwhile; read it and try again")
+    queued = await get_job(session=session, principal=principal, job_id=job_id)
+    await publish_state(session=session, job=queued)
+    await session.commit()
+    return await read_job(session=session, principal=principal, job_id=job_id)
 
 
 async def delete_job(*, session: AsyncSession, store: ImageStore, principal: Principal, job_id: str) -> None:
@@ -292,132 +554,3 @@ async def delete_job(*, session: AsyncSession, store: ImageStore, principal: Pri
     await session.commit()
     for key in keys:
         await store.delete(key)
-
-
-# --------------------------------------------------------------------------- workers
-
-
-async def claim_next(*, session: AsyncSession, worker_id: str, lease_s: float) -> Job | None:
-    """Take the oldest claimable job: queued and due, or running with an expired lease."""
-    now = utcnow()
-    claimable = or_(
-        and_(Job.status == "queued", Job.available_at <= now),
-        and_(Job.status == "running", Job.lease_expires_at < now),
-    )
-    query = select(Job).where(claimable).order_by(Job.available_at, Job.created_at).limit(1)
-    if session.bind is not None and session.bind.dialect.name == "postgresql":
-        query = query.with_for_update(skip_locked=True)
-    job = await session.scalar(query)
-    if job is None:
-        await session.rollback()
-        return None
-    job.status = "running"
-    job.lease_owner = worker_id
-    job.lease_expires_at = now + timedelta(seconds=lease_s)
-    job.attempts += 1
-    job.started_at = now
-    job.progress = 0.1
-    await session.commit()
-    return job
-
-
-async def extend_lease(*, session: AsyncSession, job_id: str, worker_id: str, lease_s: float) -> str | None:
-    """Heartbeat. Returns ``"cancel"`` when cancellation was asked, ``"lost"`` when the job is no
-    longer ours (deleted, or re-claimed after our lease expired), else ``None``."""
-    result = await session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.lease_owner == worker_id, Job.status == "running")
-        .values(lease_expires_at=utcnow() + timedelta(seconds=lease_s))
-        .returning(Job.cancel_requested)
-    )
-    row = result.first()
-    await session.commit()
-    if row is None:
-        return "lost"
-    return "cancel" if row[0] else None
-
-
-async def _owned(session: AsyncSession, job_id: str, worker_id: str) -> Job | None:
-    query = select(Job).where(Job.id == job_id, Job.lease_owner == worker_id, Job.status == "running")
-    if session.bind is not None and session.bind.dialect.name == "postgresql":
-        query = query.with_for_update()
-    return await session.scalar(query.execution_options(populate_existing=True))
-
-
-async def complete_job(
-    *,
-    session: AsyncSession,
-    job_id: str,
-    worker_id: str,
-    images: list[dict[str, Any]],
-    inference_s: float,
-    model_version: str = "",
-) -> bool:
-    """Record success and the images, once: only while this worker still holds the lease."""
-    job = await _owned(session, job_id, worker_id)
-    if job is None:
-        await session.rollback()
-        return False
-    for image in images:
-        session.add(Image(job_id=job_id, **image))
-    job.status = "succeeded"
-    job.progress = 1.0
-    job.finished_at = utcnow()
-    job.inference_s = inference_s
-    job.model_version = model_version
-    job.error = None
-    job.lease_owner = None
-    job.lease_expires_at = None
-    await session.commit()
-    return True
-
-
-async def finish_job(
-    *, session: AsyncSession, job_id: str, worker_id: str, status: str, error: str | None
-) -> bool:
-    """Record ``failed`` or ``canceled`` (while holding the lease)."""
-    job = await _owned(session, job_id, worker_id)
-    if job is None:
-        await session.rollback()
-        return False
-    job.status = status
-    job.error = error
-    job.finished_at = utcnow()
-    job.lease_owner = None
-    job.lease_expires_at = None
-    await session.commit()
-    return True
-
-
-async def retry_later(
-    *, session: AsyncSession, job_id: str, worker_id: str, delay_s: float, error: str
-) -> bool:
-    """Give the job back to the queue after a transient failure, due again in ``delay_s``."""
-    job = await _owned(session, job_id, worker_id)
-    if job is None:
-        await session.rollback()
-        return False
-    job.status = "queued"
-    job.error = error
-    job.progress = 0.0
-    job.available_at = utcnow() + timedelta(seconds=delay_s)
-    job.lease_owner = None
-    job.lease_expires_at = None
-    await session.commit()
-    return True
-
-
-async def release_job(*, session: AsyncSession, job_id: str, worker_id: str) -> bool:
-    """Graceful shutdown: hand an unfinished job back at once, not counting the attempt."""
-    job = await _owned(session, job_id, worker_id)
-    if job is None:
-        await session.rollback()
-        return False
-    job.status = "queued"
-    job.attempts = max(job.attempts - 1, 0)
-    job.progress = 0.0
-    job.available_at = utcnow()
-    job.lease_owner = None
-    job.lease_expires_at = None
-    await session.commit()
-    return True

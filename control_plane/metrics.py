@@ -37,6 +37,8 @@ REJECTION_LIMITS = (
     "image_size",
     "load_shedding",
 )
+# A job can wait out a Triton outage (SFUMATO_MAX_OUTAGE_S, 10 minutes by default).
+JOB_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 3600)
 
 
 class Metrics:
@@ -89,17 +91,50 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
-        self.triton_errors = Counter(
-            "sfumato_triton_call_errors_total",
-            "Failed pipeline calls by gRPC status",
-            ["code"],
+        # Worker side: recorded where the events happen (worker.py, triton_gateway.py).
+        self.job_duration = Histogram(
+            "sfumato_job_duration_seconds",
+            "Submission to final status, by model and final status",
+            ["model", "status"],
+            buckets=JOB_BUCKETS,
             registry=self.registry,
         )
-        self.workers_busy = Gauge("sfumato_workers_busy", "Workers running a job", registry=self.registry)
-        self.jobs_finished = Counter(
-            "sfumato_jobs_finished_total",
-            "Jobs that reached a final status",
-            ["status"],
+        self.job_queue_wait = Histogram(
+            "sfumato_job_queue_wait_seconds",
+            "Submission (or retry) to the first claim by a worker",
+            ["model"],
+            buckets=JOB_BUCKETS,
+            registry=self.registry,
+        )
+        self.job_retries = Counter(
+            "sfumato_job_retries_total",
+            "Attempts that failed transiently and were scheduled again, by gRPC status",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.job_reclaims = Counter(
+            "sfumato_job_reclaims_total",
+            "Jobs claimed again after their worker's lease expired (the worker died or stalled)",
+            registry=self.registry,
+        )
+        self.job_requeues = Counter(
+            "sfumato_job_requeues_total",
+            "Jobs handed back without spending an attempt: outage (Triton unavailable), shutdown",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.jobs_in_flight = Gauge(
+            "sfumato_jobs_in_flight", "Jobs this process's workers hold", registry=self.registry
+        )
+        self.worker_capacity = Gauge(
+            "sfumato_worker_capacity",
+            "Jobs this process's workers may hold at once (the pipeline's instance count, or set)",
+            registry=self.registry,
+        )
+        self.pipeline_failures = Counter(
+            "sfumato_pipeline_failures_total",
+            "Failed pipeline calls by gRPC status, counted by the control plane",
+            ["code"],
             registry=self.registry,
         )
         self.triton_restarts = Counter(

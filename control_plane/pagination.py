@@ -13,11 +13,23 @@ import binascii
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Generic, TypeVar
 
 from sfumato.errors import BadRequestError
 
 _BASE64URL = re.compile(r"^[A-Za-z0-9_-]{1,400}$")
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Page(Generic[T]):
+    """One page of a listing: its rows, and the cursor of the next page (None at the end)."""
+
+    items: list[T]
+    next_cursor: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,3 +65,32 @@ def decode_cursor(cursor: str) -> Position:
     except (ValueError, OverflowError, UnicodeDecodeError, binascii.Error):
         raise BadRequestError("cursor: not a cursor returned by this API", field="cursor") from None
     return Position(created_at=created_at, id=item_id)
+
+
+# A list ordered by a number (``GET /v1/content?sort=popular``: engagement, then id, both
+# descending) hands out ``encode_value_cursor(last.value, last.id)``.
+_VALUE = re.compile(r"^-?\d{1,18}$")
+
+
+@dataclass(frozen=True, slots=True)
+class ValuePosition:
+    value: int
+    id: str
+
+
+def encode_value_cursor(value: int, id: str) -> str:
+    return base64.urlsafe_b64encode(f"v{int(value)}|{id}".encode()).decode().rstrip("=")
+
+
+def decode_value_cursor(cursor: str) -> ValuePosition:
+    """The position a cursor of :func:`encode_value_cursor` names; :class:`BadRequestError` otherwise."""
+    try:
+        if not _BASE64URL.match(cursor):
+            raise ValueError("not base64url")
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        stamp, _, item_id = raw.partition("|")
+        if not stamp.startswith("v") or not _VALUE.match(stamp[1:]) or not _ID.match(item_id):
+            raise ValueError("not a value cursor")
+    except (ValueError, UnicodeDecodeError, binascii.Error):
+        raise BadRequestError("cursor: not a cursor returned by this API", field="cursor") from None
+    return ValuePosition(value=int(stamp[1:]), id=item_id)

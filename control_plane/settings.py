@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from sfumato.secret_files import load_or_create_secret
 
@@ -56,7 +56,28 @@ class Settings(BaseSettings):
     jwt_issuer: str = "sfumato"
     access_token_ttl_s: int = Field(default=3600, gt=0)
 
-    workers: int = Field(default=2, ge=0, description="in-process workers started by `sfumato serve`")
+    workers: int = Field(
+        default=1,
+        ge=0,
+        description="in-process workers started by `sfumato serve` (0: none); each holds many jobs",
+    )
+    worker_capacity: int | None = Field(
+        default=None,
+        ge=1,
+        description="jobs one worker holds in flight; default: the pipeline model's instance count in Triton",
+    )
+    max_user_share: float = Field(
+        default=0.75,
+        gt=0,
+        le=1,
+        description="the largest share of a worker's capacity that one user's jobs may hold (rounded "
+        "up); the rest stays free for other users' jobs; 1 turns the cap off",
+    )
+    max_outage_s: float = Field(
+        default=600.0,
+        ge=0,
+        description="how long a job waits out Triton being unavailable before it fails",
+    )
     lease_s: float = Field(default=30.0, gt=0, description="a claimed job's lease")
     heartbeat_s: float = Field(default=5.0, gt=0)
     poll_interval_s: float = Field(default=0.25, gt=0, description="idle worker's wait between claims")
@@ -126,6 +147,42 @@ class Settings(BaseSettings):
         default=300, ge=1, le=7 * 24 * 3600, description="lifetime of a presigned download URL"
     )
     model_name: str = "pipeline"
+    # The model registry (control_plane/registry.py): the Triton model repository it registers
+    # and deletes versions in (`sfumato up` sets it to the repository it serves); None: no files.
+    model_repository: Path | None = Field(
+        default=None,
+        description="the Triton model repository (local folder) whose models the registry "
+        "registers on start and whose unused versions it deletes",
+    )
+
+    # Job events (control_plane/events.py): SSE, WebSocket, Prefer: wait, idle workers.
+    event_poll_s: float = Field(
+        default=0.25,
+        gt=0,
+        description="SQLite without Redis: how often each process reads new job events from the "
+        "table (one connection per process), to see other processes' events",
+    )
+    event_retention_s: float = Field(
+        default=24 * 3600.0,
+        ge=0,
+        description="events of a job finished longer ago are purged by the maintenance sweep",
+    )
+    worker_streaming: bool = Field(
+        default=True,
+        description="workers call the served model's streaming twin (pipeline_stream) and publish "
+        "per-step progress; false: the plain pipeline (progress jumps from 0 to 1)",
+    )
+    progress_write_interval_s: float = Field(
+        default=0.25,
+        ge=0,
+        description="a running job's progress (and its progress event) is written at most this often",
+    )
+    event_resync_s: float = Field(
+        default=15.0,
+        gt=0,
+        description="a job-event subscriber with no event for this long re-reads the table (a lost "
+        "notification is never permanent)",
+    )
 
     # Trainings: where `sfumato training run --id ...` runs (the runner: `sfumato worker --queue trainings`).
     training_executor: Literal["local", "kubernetes"] = Field(
@@ -147,6 +204,48 @@ class Settings(BaseSettings):
     training_job_deadline_s: int | None = Field(
         default=None, gt=0, description="kubernetes: a Job running longer is failed (activeDeadlineSeconds)"
     )
+    # Data sets and trainings (issue 10).
+    max_dataset_bytes: int = Field(
+        default=256 * 2**20, gt=0, description="largest data set upload (the zip, as sent)"
+    )
+    max_dataset_unpacked_bytes: int = Field(
+        default=1024 * 2**20, gt=0, description="a data set's files unpacked, all together (zip bombs)"
+    )
+    max_dataset_ratio: float = Field(
+        default=200.0, gt=1, description="largest unpacked / packed size of one zip entry (zip bombs)"
+    )
+    max_dataset_images: int = Field(default=20_000, ge=1, description="images in one data set")
+    max_dataset_image_pixels: int = Field(
+        default=1024 * 1024, gt=0, description="pixels of one data set image (read from its header)"
+    )
+    max_training_steps: int = Field(default=100_000, ge=1, description="steps of one training, however asked")
+    training_runners: int = Field(
+        default=0,
+        ge=0,
+        description="training runners started in the API process (`sfumato up` starts one when PyTorch "
+        "is installed); `sfumato worker --queue trainings` runs one alone",
+    )
+    training_threads: int = Field(
+        default=2,
+        ge=1,
+        description="CPU threads of a training (torch.set_num_threads), so serving stays responsive",
+    )
+    training_nice: int = Field(default=10, ge=0, le=19, description="local trainings run at this niceness")
+    training_checkpoint_every: int = Field(
+        default=100, ge=1, description="steps between a training's checkpoints"
+    )
+    training_min_step_s: float = Field(
+        default=0.0,
+        ge=0,
+        description="each training step takes at least this long (a CPU budget on a shared machine)",
+    )
+    training_base_dir: Path = Field(
+        default=Path("models/sfumato-shapes"),
+        description="the diffusers folder of the served model (SFUMATO_MODEL_NAME), the base of trainings",
+    )
+    training_steps_per_s: float = Field(
+        default=3.0, gt=0, description="a training's expected speed at batch 16, for the estimated duration"
+    )
     kubernetes_api_url: str | None = Field(
         default=None, description="default: in-cluster (KUBERNETES_SERVICE_HOST/PORT)"
     )
@@ -155,6 +254,66 @@ class Settings(BaseSettings):
     )
     kubernetes_token_file: Path = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
     kubernetes_ca_file: Path | None = Path("/var/run/secrets/kubernetes.io/serviceaccount/ca.crt")
+
+    # Recommendations (issue 11).
+    recommend_refit_interval_s: float = Field(
+        default=900.0,
+        ge=0,
+        description="how often the recommender is refitted and every user's rows refreshed (0: only "
+        "on POST /v1/recommendations/generate)",
+    )
+    recommend_rows: int = Field(default=50, ge=1, le=500, description="precomputed recommendations per user")
+    text_encoder_model: str = Field(
+        default="text_encoder", description="the Triton model that embeds content prompts (pooler_output)"
+    )
+    text_tokenizer: Path = Field(
+        default=Path("model_repository/pipeline/1/assets/tokenizer.json"),
+        description="the served pipeline's tokenizer.json (tokenizes prompts for the text encoder)",
+    )
+
+    # Webhooks (sfumato.control_plane.webhooks): delivered by the workers' dispatcher task.
+    webhook_allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="hosts (names or IP literals, comma-separated) the operator trusts as webhook "
+        "receivers: they may use http, and their addresses are not checked against the private / "
+        "loopback / metadata blocklist (an in-cluster receiver); every other webhook is https to a "
+        "public address",
+    )
+    webhook_timeout_s: float = Field(default=10.0, gt=0, description="one delivery attempt, all in")
+    webhook_connect_timeout_s: float = Field(default=3.0, gt=0, description="connecting to a receiver")
+    webhook_max_response_bytes: int = Field(
+        default=64 * 1024, ge=0, description="how much of a receiver's answer is read (the rest dropped)"
+    )
+    webhook_max_attempts: int = Field(default=10, ge=1, description="attempts per delivery")
+    webhook_retry_base_s: float = Field(
+        default=5.0, ge=0, description="first retry delay; doubles each attempt, with jitter (50-100%)"
+    )
+    webhook_retry_max_s: float = Field(default=3600.0, ge=0, description="the longest retry delay")
+    webhook_disable_after_failures: int = Field(
+        default=20, ge=1, description="failed attempts in a row after which an endpoint is disabled"
+    )
+    webhook_disable_after_gone: int = Field(
+        default=2, ge=1, description="410 Gone answers in a row after which an endpoint is disabled"
+    )
+    webhook_secret_overlap_s: int = Field(
+        default=24 * 3600,
+        ge=0,
+        description="after a secret rotation, how long deliveries carry the old secret's signature too",
+    )
+    webhook_concurrency: int = Field(default=16, ge=1, description="deliveries in flight per dispatcher")
+    webhook_max_in_flight_per_endpoint: int = Field(
+        default=4,
+        ge=1,
+        description="attempts in flight to one endpoint, all dispatchers together (a slow or dead "
+        "receiver cannot take every slot)",
+    )
+    webhook_lease_s: float = Field(
+        default=60.0, gt=0, description="a claimed delivery's lease (re-sent after it expires)"
+    )
+    webhook_poll_s: float = Field(default=1.0, gt=0, description="idle dispatcher's wait between claims")
+    webhook_retention_s: int = Field(
+        default=7 * 24 * 3600, gt=0, description="finished deliveries are deleted after this"
+    )
 
     @field_validator(
         "rate_limit",
@@ -169,6 +328,15 @@ class Settings(BaseSettings):
         from limits import parse
 
         parse(value)  # ValueError names what does not parse ("10/fortnight")
+        return value
+
+    @field_validator("webhook_allowed_hosts", mode="before")
+    @classmethod
+    def _host_list(cls, value: object) -> object:
+        if isinstance(value, str):  # SFUMATO_WEBHOOK_ALLOWED_HOSTS=a.example,10.0.0.5
+            value = [part for part in value.split(",")]
+        if isinstance(value, list):
+            value = [str(v).strip().strip("[]").lower().rstrip(".") for v in value if str(v).strip()]
         return value
 
     @field_validator("storage_url")

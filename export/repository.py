@@ -181,6 +181,7 @@ def network_config(
         else None,
         "warmup": (tc.Warmup(name=f"{spec.name}_warmup", batch_size=1, inputs=warm_inputs),),
         "parameters": {"sfumato_version": __version__},
+        "version_policy": "all",  # a model's versions serve side by side (sfumato.export.versions)
     }
     if options.target == "cpu":
         return tc.ModelConfig(
@@ -244,6 +245,7 @@ def pipeline_config(options: ExportOptions, *, served: ModelContract, stream: bo
             **contract.config_parameters(served.limits, served.defaults),
         },
         decoupled=stream,
+        version_policy="all",
     )
 
 
@@ -414,6 +416,7 @@ def export_model_repository(src: Path, out: Path, options: ExportOptions) -> Exp
         timings["total_s"] = round(time.perf_counter() - started, 2)
         manifest = {
             "sfumato_version": __version__,
+            "model": info.path.name,  # the registry's name for it (sfumato.model_repository)
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "source": {
                 "path": str(info.path.resolve()),
@@ -427,6 +430,7 @@ def export_model_repository(src: Path, out: Path, options: ExportOptions) -> Exp
                 },
             },
             "settings": {**asdict(options), "image_sizes": [list(s) for s in sizes]},
+            "export_options": asdict(options),  # as given: what a new version re-exports with
             "parity": {
                 "tolerance_relative": options.tolerance,
                 "measured_on": "ONNX Runtime CPU, fp32 graph" if parity else "not run (--configs-only)",

@@ -81,6 +81,9 @@ class ModelConfig:
     tensorrt_accelerator: Literal["FP32", "FP16"] | None = None  # onnxruntime backend + TRT EP
     # Decoupled: any number of responses per request (streaming gRPC only), ended by a final flag.
     decoupled: bool = False
+    # Which version folders Triton serves: "all" serves every numbered folder side by side (a
+    # model's versions, sfumato.export.versions); "latest" (Triton's default) only the highest.
+    version_policy: Literal["latest", "all"] = "latest"
 
     def to_proto(self) -> pb.ModelConfig:
         config = pb.ModelConfig(name=self.name, max_batch_size=self.max_batch_size)
@@ -113,6 +116,8 @@ class ModelConfig:
             config.instance_group.add(kind=pb.ModelInstanceGroup.Kind.Value(group.kind), count=group.count)
         if self.decoupled:
             config.model_transaction_policy.decoupled = True
+        if self.version_policy == "all":
+            config.version_policy.all.SetInParent()
         for key, value in self.parameters.items():
             config.parameters[key].string_value = value
         for warm in self.warmup:

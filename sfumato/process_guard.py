@@ -7,6 +7,8 @@
   command and everything the command forks (Triton's python-backend stubs) stay in that group;
 * asks the kernel for ``SIGHUP`` when its parent dies, by any death, SIGKILL included
   (``PR_SET_PDEATHSIG``), and checks right after that the parent is still the one that started it;
+  the kernel also sends it when only the starting *thread* ends, which the guard ignores while
+  the parent process is still its parent;
 * is a child subreaper (``PR_SET_CHILD_SUBREAPER``): a stub orphaned by a crashed Triton is
   re-parented to the guard, not to init;
 * gives the command ``PR_SET_PDEATHSIG = SIGKILL`` too (set between fork and exec: safe here, the
@@ -119,6 +121,12 @@ def run(command: Sequence[str], *, parent: int) -> int:
         forward(signal.SIGTERM)
 
     def parent_died(signum: int, _frame: object) -> None:
+        # The kernel sends the parent-death signal when the *thread* that started the guard
+        # ends: a guard started from a worker thread (asyncio.to_thread, a thread pool) would
+        # otherwise die with that thread. The parent process still lives while it is our parent;
+        # once it dies we are re-parented (to a subreaper or init), and only then do we stop.
+        if os.getppid() == parent:
+            return
         state["stop"] = True
         state["sent"] = False
         forward(signal.SIGKILL)

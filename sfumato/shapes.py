@@ -30,6 +30,8 @@ PALETTE: dict[str, tuple[int, int, int]] = {
     "black": (15, 15, 15),
 }
 COLOURS: tuple[str, ...] = tuple(PALETTE)
+# Colours the demo model never saw, for fine-tunes (the tokenizer has their words, untrained).
+NEW_COLOURS: dict[str, tuple[int, int, int]] = {"pink": (255, 105, 180)}
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 IMAGE_SIZE = 32
 _SUPERSAMPLE = 4
@@ -194,6 +196,7 @@ def render(
     image_size: int = IMAGE_SIZE,
     min_fraction: float = 0.35,
     max_fraction: float = 0.75,
+    palette: dict[str, tuple[int, int, int]] | None = None,
 ) -> np.ndarray:
     """Draw ``scene`` as a ``uint8`` ``[H, W, 3]`` image; size and position come from ``rng``.
 
@@ -207,8 +210,9 @@ def render(
     cy = rng.uniform(margin, grid - margin)
     coverage = _shape_mask(scene.shape, centre=(cx, cy), size=size, grid=grid).astype(np.float32)
     coverage = coverage.reshape(image_size, _SUPERSAMPLE, image_size, _SUPERSAMPLE).mean(axis=(1, 3))
-    fg = np.asarray(PALETTE[scene.colour], dtype=np.float32)
-    bg = np.asarray(PALETTE[scene.background], dtype=np.float32)
+    colours = palette or PALETTE
+    fg = np.asarray(colours[scene.colour], dtype=np.float32)
+    bg = np.asarray(colours[scene.background], dtype=np.float32)
     image = bg + coverage[..., None] * (fg - bg)
     return np.clip(np.rint(image), 0, 255).astype(np.uint8)
 
@@ -243,13 +247,48 @@ def make_dataset(
     return images, captions
 
 
+def new_colour_scenes(colour: str) -> list[Scene]:
+    """Every shape in ``colour`` (a :data:`NEW_COLOURS` word) on every palette background."""
+    return [Scene(colour=colour, shape=s, background=b) for s in SHAPES for b in COLOURS]
+
+
+def make_finetune_dataset(
+    count: int,
+    *,
+    seed: int,
+    colour: str = "pink",
+    new_share: float = 0.5,
+    paraphrase_rate: float = 0.5,
+    image_size: int = IMAGE_SIZE,
+) -> tuple[np.ndarray, list[str]]:
+    """A fine-tune data set teaching a new colour: ``new_share`` of the images show ``colour``
+    (every shape, the palette's backgrounds), the rest ordinary scenes of the grammar, so that
+    the model does not forget them. Captions as in :func:`make_dataset`; fully seeded."""
+    palette = {**PALETTE, colour: NEW_COLOURS[colour]}
+    rng = np.random.default_rng([seed, 7])
+    words = np.random.default_rng([seed, 8])
+    new, old = new_colour_scenes(colour), all_scenes()
+    images = np.empty((count, image_size, image_size, 3), dtype=np.uint8)
+    captions = []
+    for i in range(count):
+        pool = new if rng.random() < new_share else old
+        scene = pool[int(rng.integers(len(pool)))]
+        images[i] = render(scene, rng=rng, image_size=image_size, palette=palette)
+        if words.random() < paraphrase_rate:
+            captions.append(paraphrase(scene, words, background=words.random() >= 0.2).text)
+        else:
+            captions.append(scene.caption)
+    return images, captions
+
+
 # --------------------------------------------------------------------------- judging
 
 
-def nearest_colour(rgb: np.ndarray) -> str:
-    """Name of the palette colour nearest (Euclidean RGB) to ``rgb``."""
-    names = list(PALETTE)
-    table = np.asarray([PALETTE[n] for n in names], dtype=np.float32)
+def nearest_colour(rgb: np.ndarray, palette: dict[str, tuple[int, int, int]] | None = None) -> str:
+    """Name of the palette colour nearest (Euclidean RGB) to ``rgb`` (default: :data:`PALETTE`)."""
+    palette = palette or PALETTE
+    names = list(palette)
+    table = np.asarray([palette[n] for n in names], dtype=np.float32)
     distances = np.linalg.norm(table - np.asarray(rgb, dtype=np.float32)[None, :], axis=1)
     return names[int(np.argmin(distances))]
 
@@ -263,7 +302,7 @@ class Judgement:
     shape: str | None
 
 
-def judge(image: np.ndarray) -> Judgement:
+def judge(image: np.ndarray, *, palette: dict[str, tuple[int, int, int]] | None = None) -> Judgement:
     """Read background colour, object colour and shape off a ``uint8`` ``[H, W, 3]`` image.
 
     * background: the median colour of the one-pixel border, nearest palette colour;
@@ -279,13 +318,13 @@ def judge(image: np.ndarray) -> Judgement:
         raise ValueError(f"expected an [H, W, 3] image, got shape {pixels.shape}")
     border = np.concatenate([pixels[0], pixels[-1], pixels[1:-1, 0], pixels[1:-1, -1]])
     bg_rgb = np.median(border, axis=0)
-    background = nearest_colour(bg_rgb)
+    background = nearest_colour(bg_rgb, palette)
     distance = np.linalg.norm(pixels - bg_rgb[None, None, :], axis=2)
     mask = distance > 60.0
     if mask.sum() < 4:
         return Judgement(background=background, colour=None, shape=None)
     strong = distance > 0.7 * distance[mask].max()
-    colour = nearest_colour(np.median(pixels[strong], axis=0))
+    colour = nearest_colour(np.median(pixels[strong], axis=0), palette)
     # Soft coverage: anti-aliased edges count for the share of the pixel they cover; the
     # background's own noise (measured on the border) counts for nothing.
     border_distance = np.linalg.norm(border - bg_rgb[None, :], axis=1)
@@ -328,12 +367,21 @@ class Score:
         return self.background >= background and self.colour >= colour and self.shape >= shape
 
 
-def score(images: np.ndarray, asked: list[Scene] | list[Prompt]) -> Score:
+def score(
+    images: np.ndarray,
+    asked: list[Scene] | list[Prompt],
+    *,
+    palette: dict[str, tuple[int, int, int]] | None = None,
+) -> Score:
     """Fraction of images whose background, object colour and shape match what was asked
-    (a :class:`Scene`, or a :class:`Prompt`, whose background may be left out: any is right)."""
+    (a :class:`Scene`, or a :class:`Prompt`, whose background may be left out: any is right);
+    colours are read against ``palette`` (default :data:`PALETTE`; add :data:`NEW_COLOURS` to
+    judge a fine-tune's new colour)."""
     if len(images) != len(asked):
         raise ValueError(f"{len(images)} images but {len(asked)} prompts")
     prompts = [canonical(a) if isinstance(a, Scene) else a for a in asked]
-    agreed = np.array([p.matches(judge(img)) for img, p in zip(images, prompts, strict=True)], dtype=float)
+    agreed = np.array(
+        [p.matches(judge(img, palette=palette)) for img, p in zip(images, prompts, strict=True)], dtype=float
+    )
     background, colour, shape = agreed.mean(axis=0)
     return Score(background=float(background), colour=float(colour), shape=float(shape), count=len(prompts))

@@ -160,7 +160,15 @@ def test_with_an_image_rest_and_the_pipeline_differ_only_on_the_submission_rule(
 def test_rest_schema_keeps_todays_names_bounds_descriptions_and_example() -> None:
     schema = GenerationCreate.model_json_schema()
     props = schema["properties"]
-    assert list(props) == [f.name for f in contract.GENERATION_FIELDS]
+    job_options = [option.name for option in contract.JOB_OPTIONS]  # REST only (webhooks)
+    assert list(props) == [f.name for f in (*contract.REST_FIELDS, *contract.ROUTING_FIELDS)] + job_options
+    assert list(props) == [f.name for f in contract.GENERATION_FIELDS] + [
+        "preview_every",
+        "model",
+        "model_version",
+        *job_options,
+    ]
+    assert props["preview_every"].get("default") is None  # left out of the job unless asked
     assert schema["required"] == ["prompt"] and schema["additionalProperties"] is False
     assert schema["examples"] == [contract.EXAMPLE]
     assert props["prompt"]["description"] == "what to draw"
@@ -176,7 +184,8 @@ def test_rest_schema_keeps_todays_names_bounds_descriptions_and_example() -> Non
     assert props["strength"]["anyOf"][0]["exclusiveMinimum"] == 0.0
     assert props["seed"]["anyOf"][0]["maximum"] == 2**63 - 1
     for name, prop in props.items():
-        assert prop["description"].startswith(contract.BY_NAME[name].description), name
+        declared = contract.BY_NAME[name] if name in contract.BY_NAME else contract.JOB_OPTIONS_BY_NAME[name]
+        assert prop["description"].startswith(declared.description), name
     # The example is a request every model accepts.
     contract.check_request(contract.EXAMPLE, limits=DEMO_LIMITS, defaults=DEMO_DEFAULTS)
     GenerationCreate.model_validate(contract.EXAMPLE)

@@ -72,6 +72,31 @@ def test_a_graceful_stop_reaches_the_command_and_the_group_goes(tmp_path: Path) 
     assert not any(alive(pid) for pid in members)
 
 
+def test_a_guard_started_from_a_thread_outlives_that_thread(tmp_path: Path) -> None:
+    """PR_SET_PDEATHSIG fires when the starting thread ends (asyncio.to_thread, a supervisor's
+    restart): the guard must live on while the process that started it does."""
+    marker = tmp_path / "got-term"
+    script = f"trap 'echo term > {marker}; exit 0' TERM; sleep 1000 & wait"
+    started: list[subprocess.Popen] = []
+    release = threading.Event()
+
+    def starter() -> None:
+        started.append(process_guard.start(["sh", "-c", script]))
+        release.wait(timeout=120)
+
+    thread = threading.Thread(target=starter)
+    thread.start()
+    wait_for(
+        lambda: bool(started) and len(group_members(started[0].pid)) >= 3, timeout=30, what="sh and sleep"
+    )
+    release.set()
+    thread.join(timeout=30)  # the kernel sends the guard SIGHUP now, before the SIGTERM below
+    assert not thread.is_alive()
+    # A guard that took the thread's end for its parent's death would have SIGKILLed sh (137).
+    assert process_guard.stop(started[0], timeout=30) == 0
+    assert marker.read_text().strip() == "term"
+
+
 def test_the_exit_code_is_the_commands() -> None:
     assert process_guard.start(["sh", "-c", "exit 3"]).wait(timeout=30) == 3
     guard = process_guard.start(["sh", "-c", "kill -9 $$"])

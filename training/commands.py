@@ -57,7 +57,27 @@ def _demo_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _training_run(args: argparse.Namespace) -> int:
+    """One training record, end to end (what the training runner's executor starts)."""
+    import asyncio
+
+    from sfumato.control_plane import logs
+    from sfumato.training.job import run_training
+
+    logs.configure(args.log_level.upper())
+    summary = asyncio.run(run_training(args.id))
+    print(json.dumps(summary, default=str))
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
+    training = sub.add_parser("training", help="fine-tunes (what the training runner starts)")
+    training_sub = training.add_subparsers(dest="training_command", required=True, metavar="ACTION")
+    run = training_sub.add_parser("run", help="run one training record (SFUMATO_* settings: database, store)")
+    run.add_argument("--id", required=True, help="the training's id")
+    run.add_argument("--log-level", default="info")
+    run.set_defaults(func=_training_run)
+
     demo = sub.add_parser("demo-model", help="train or evaluate the built-in demo model")
     demo_sub = demo.add_subparsers(dest="demo_command", required=True, metavar="ACTION")
     tr = demo_sub.add_parser("train", help="train the demo model from scratch (about 40 minutes, 2 cores)")

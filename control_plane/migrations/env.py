@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from alembic import context
+from sqlalchemy import event
 from sqlalchemy.engine import Connection
 
 from sfumato.control_plane.db import create_engine
@@ -27,9 +28,23 @@ def _run(connection: Connection) -> None:
 
 async def _run_async(url: str) -> None:
     engine = create_engine(url)
+    sqlite = engine.dialect.name == "sqlite"
+    if sqlite:
+        # Batch mode rebuilds a table (copy, DROP, rename): with foreign keys enforced the DROP
+        # would cascade into the rows that refer to it (a downgrade through a rebuilt ``jobs``
+        # would delete idempotency records and images). Off while migrating, checked after.
+        @event.listens_for(engine.sync_engine, "connect")
+        def _no_foreign_keys(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+            dbapi_connection.execute("PRAGMA foreign_keys=OFF")
+
     async with engine.connect() as connection:
         await connection.run_sync(_run)
         await connection.commit()
+        if sqlite:
+            broken = (await connection.exec_driver_sql("PRAGMA foreign_key_check")).all()
+            await connection.commit()
+            if broken:
+                raise RuntimeError(f"the migration left rows whose foreign keys match nothing: {broken[:10]}")
     await engine.dispose()
 
 

@@ -35,6 +35,8 @@ async def authorize(
     edge_key: EdgeKey = None,
     rpc: Annotated[str, Header(alias="X-Sfumato-Rpc")] = "",
     call_id: Annotated[str, Header(alias="X-Sfumato-Call", max_length=64)] = "",
+    # Set by the edge from the TCP peer (a caller's own header of that name is overwritten).
+    client_address: Annotated[str, Header(alias="X-Sfumato-Client-Address", max_length=64)] = "",
     authorization: Annotated[str | None, Header()] = None,
     grpc_timeout: Annotated[str | None, Header(alias="grpc-timeout")] = None,
 ) -> Response:
@@ -46,6 +48,7 @@ async def authorize(
         authorization=authorization,
         grpc_timeout=grpc_timeout,
         call_id=call_id,
+        address=client_address or "edge",
         body=await request.body(),
     )
     if decision.allowed:

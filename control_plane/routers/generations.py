@@ -1,10 +1,10 @@
-"""``/v1/generations``: submit, read, list, cancel, delete, and fetch images."""
+"""``/v1/generations``: submit, read, list, cancel, retry, delete, and fetch images.
+
+Thin: every query and commit is in :mod:`sfumato.control_plane.jobs`."""
 
 from __future__ import annotations
 
-import asyncio
 import re
-import time
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response
@@ -13,16 +13,9 @@ from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 from sfumato.control_plane import jobs
 from sfumato.control_plane.auth import CurrentPrincipal
 from sfumato.control_plane.deps import ServicesDep, SessionDep
-from sfumato.control_plane.models import FINAL_STATUSES, Job
+from sfumato.control_plane.models import FINAL_STATUSES
 from sfumato.control_plane.problems import NOT_FOUND, PROBLEM_RESPONSES, problem_response
-from sfumato.control_plane.schemas import (
-    GenerationCreate,
-    GenerationOut,
-    GenerationPage,
-    ImageOut,
-    JobStatus,
-    Timings,
-)
+from sfumato.control_plane.schemas import GenerationCreate, GenerationOut, GenerationPage, JobStatus
 from sfumato.errors import NotFoundError
 
 router = APIRouter(prefix="/v1/generations", tags=["generations"], responses=PROBLEM_RESPONSES)
@@ -30,40 +23,7 @@ JobId = Annotated[str, Path(min_length=1, max_length=64, description="the genera
 _WAIT = re.compile(r"(?:^|[,;\s])wait=(\d+)")
 
 
-def to_out(job: Job) -> GenerationOut:
-    created = job.created_at
-    timings = Timings(
-        queued_s=(job.started_at - created).total_seconds() if job.started_at else None,
-        inference_s=job.inference_s,
-        total_s=(job.finished_at - created).total_seconds() if job.finished_at else None,
-    )
-    params = {k: v for k, v in job.params.items() if not k.endswith("_key")}
-    params.update({k[:-4]: True for k in job.params if k.endswith("_key")})
-    return GenerationOut(
-        id=job.id,
-        status=job.status,  # type: ignore[arg-type]
-        progress=job.progress,
-        params=params,
-        model={"name": job.model_name, "version": job.model_version},
-        attempts=job.attempts,
-        error=job.error,
-        created_at=created,
-        started_at=job.started_at,
-        finished_at=job.finished_at,
-        timings=timings,
-        seeds=[img.seed for img in job.images],
-        images=[
-            ImageOut(
-                index=img.index,
-                url=f"/v1/generations/{job.id}/images/{img.index}",
-                seed=img.seed,
-                width=img.width,
-                height=img.height,
-                sha256=img.sha256,
-            )
-            for img in job.images
-        ],
-    )
+to_out = jobs.to_out  # the generation resource (also the data of its status events)
 
 
 def _prefer_wait(prefer: str | None, limit: int) -> int:
@@ -115,14 +75,13 @@ async def create_generation(
         principal=principal,
         body=body,
         idempotency_key=idempotency_key,
+        triton=services.triton,
     )
     wait = _prefer_wait(prefer, services.settings.max_wait_s)
-    deadline = time.monotonic() + wait
-    job_id = job.id
-    while wait and job.status not in FINAL_STATUSES and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-        job = await jobs.get_job(session=session, principal=principal, job_id=job_id)
-        await session.commit()  # end the transaction before sleeping (SQLite: free the writer lock)
+    if wait:
+        job = await jobs.wait_for_job(
+            session=session, hub=services.events, principal=principal, job=job, wait_s=wait
+        )
     out = to_out(job)
     headers = {"Location": f"/v1/generations/{job.id}"}
     if wait:
@@ -168,15 +127,12 @@ async def list_generations(
     page = await jobs.list_jobs(
         session=session, principal=principal, limit=limit, cursor=cursor, status=status
     )
-    await session.commit()  # end the read transaction now, not after the response is sent
     return GenerationPage(items=[to_out(j) for j in page.items], next_cursor=page.next_cursor)
 
 
 @router.get("/{job_id}", response_model=GenerationOut, summary="Read a generation", responses=NOT_FOUND)
 async def get_generation(job_id: JobId, principal: CurrentPrincipal, session: SessionDep) -> GenerationOut:
-    job = await jobs.get_job(session=session, principal=principal, job_id=job_id)
-    await session.commit()  # end the read transaction now (SQLite: free the writer lock)
-    return to_out(job)
+    return to_out(await jobs.read_job(session=session, principal=principal, job_id=job_id))
 
 
 @router.post(
@@ -196,7 +152,46 @@ async def cancel_generation(
     state = {"canceled": "queued", "running": "running"}.get(job.status)
     if state is not None:
         services.metrics.jobs_canceled.labels(state=state).inc()
+    if job.status == "canceled" and job.finished_at is not None:  # it was queued: final now
+        services.metrics.job_duration.labels(model=job.model_name, status="canceled").observe(
+            (job.finished_at - job.created_at).total_seconds()
+        )
     return to_out(job)
+
+
+@router.post(
+    "/{job_id}/retry",
+    response_model=GenerationOut,
+    status_code=202,
+    summary="Retry a failed or canceled generation",
+    responses={
+        202: {"description": "Queued again, with the same parameters and seed", "model": GenerationOut},
+        **NOT_FOUND,
+        **problem_response(
+            409,
+            "Conflict",
+            "Not failed or canceled",
+            "generation 5f2c... is succeeded; only a failed or canceled one can be retried",
+        ),
+    },
+)
+async def retry_generation(
+    job_id: JobId, principal: CurrentPrincipal, session: SessionDep, services: ServicesDep
+) -> JSONResponse:
+    """Queue the job again as new (attempts, error and timings reset), keeping its parameters and
+    seed, so that its images are the ones a first run would have drawn. Counts against your
+    unfinished-jobs cap and your submission rate."""
+    await services.limiter.hit(
+        services.settings.submit_rate_limit, scope="submit", principal=principal.user_id
+    )
+    job = await jobs.retry_job(
+        session=session, settings=services.settings, principal=principal, job_id=job_id
+    )
+    return JSONResponse(
+        to_out(job).model_dump(mode="json"),
+        status_code=202,
+        headers={"Location": f"/v1/generations/{job.id}"},
+    )
 
 
 @router.delete(
@@ -231,11 +226,7 @@ async def get_image(
     services: ServicesDep,
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
-    job = await jobs.get_job(session=session, principal=principal, job_id=job_id)
-    await session.commit()  # end the read transaction before reading the file
-    image = next((img for img in job.images if img.index == index), None)
-    if image is None:
-        raise NotFoundError(f"generation {job_id} has no image {index}")
+    image = await jobs.read_image(session=session, principal=principal, job_id=job_id, index=index)
     etag = f'"{image.sha256}"'
     headers = {"ETag": etag, "Cache-Control": "private, max-age=31536000, immutable"}
     if if_none_match and _none_match(if_none_match, etag):

@@ -24,22 +24,6 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-async def _triton_ready(url: str, model: str) -> str | None:
-    import tritonclient.grpc.aio as aio
-
-    client = aio.InferenceServerClient(url)
-    try:
-        if not await client.is_server_ready(client_timeout=2.0):
-            return "Triton is not ready"
-        if not await client.is_model_ready(model, client_timeout=2.0):
-            return f"Triton model {model!r} is not ready"
-        return None
-    except Exception as exc:
-        return f"Triton at {url} unreachable: {type(exc).__name__}"
-    finally:
-        await client.close()
-
-
 @router.get(
     "/readyz",
     summary="Readiness: database reachable and Triton ready",
@@ -73,7 +57,7 @@ async def readyz(services: ServicesDep) -> Response:
         checks["database"] = "ok"
     except Exception as exc:
         checks["database"] = f"unreachable: {type(exc).__name__}"
-    problem = await _triton_ready(services.settings.triton_url, services.settings.model_name)
+    problem = await services.triton.readiness()  # the gateway's, cached for a second
     checks["triton"] = problem or "ok"
     ready = all(v == "ok" for v in checks.values())
     body = json.dumps({"status": "ok" if ready else "unavailable", "checks": checks})

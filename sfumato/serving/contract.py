@@ -101,7 +101,8 @@ class Field:
     model_default: str | None = None  # else: this attribute of the served model's Defaults
     default_text: str = ""  # where the default comes from, for people
     rest_form: str = ""  # arrays: how REST carries them (base64 image), appended to the description
-    stream_only: bool = False  # an input of ``pipeline_stream`` only (not of ``pipeline``, not REST)
+    stream_only: bool = False  # an input of ``pipeline_stream`` only (not of ``pipeline``)
+    rest: bool = True  # a field of the REST request (a stream-only one: left out unless given)
 
     @property
     def is_array(self) -> bool:
@@ -261,7 +262,8 @@ FIELDS: tuple[Field, ...] = (
         "INT32",
         (1,),
         int,
-        "pipeline_stream only: send a preview of the images every k steps (0: none)",
+        "pipeline_stream only (REST: the job's progress events): send a preview of the images "
+        "every k steps (0: none)",
         example=5,
         minimum=0,
         maximum="max_steps",
@@ -270,9 +272,40 @@ FIELDS: tuple[Field, ...] = (
         stream_only=True,
     ),
 )
-BY_NAME: dict[str, Field] = {f.name: f for f in FIELDS}
+#: Which registered model serves a generation (``sfumato.control_plane.registry``): fields of
+#: the REST request and of the job, not inputs of the pipeline models (a pipeline *is* one
+#: version of one model; Triton's ``model_name`` / ``model_version`` choose it).
+ROUTING_FIELDS: tuple[Field, ...] = (
+    Field(
+        "model",
+        "BYTES",
+        (1,),
+        str,
+        "the registered model to run (GET /v1/models lists them)",
+        example="sfumato-shapes",
+        max_length=64,
+        not_blank=True,
+        default_text="the default model (the last one deployed)",
+    ),
+    Field(
+        "model_version",
+        "INT32",
+        (1,),
+        int,
+        "the model's version; needs model",
+        example=1,
+        minimum=1,
+        maximum=2**31 - 1,
+        default_text="the model's deployed version",
+    ),
+)
+BY_NAME: dict[str, Field] = {f.name: f for f in (*FIELDS, *ROUTING_FIELDS)}
 #: The generation fields (REST, ``pipeline``, and the job's parameters).
 GENERATION_FIELDS: tuple[Field, ...] = tuple(f for f in FIELDS if not f.stream_only)
+#: The fields of a REST generation request: the generation fields, and ``preview_every`` (the
+#: control plane's worker streams from ``pipeline_stream`` and publishes the previews as progress
+#: events).
+REST_FIELDS: tuple[Field, ...] = tuple(f for f in FIELDS if f.rest)
 
 
 @dataclass(frozen=True, slots=True)
@@ -569,3 +602,42 @@ def check_limits_within_envelope(limits: Limits) -> None:
             raise ValueError(f"size_multiple {mine} is not a multiple of the contract's {most}")
         if f.name.startswith("max_") and mine > most:
             raise ValueError(f"{f.name} {mine} is above the contract's {most}")
+
+
+# --------------------------------------------------------------------------- job options (REST only)
+# Fields of a job request (a generation, a training) that belong to the control plane, not to the
+# pipeline: never Triton inputs, never in a job's ``params``. The REST schema derives its fields
+# from these (``sfumato.control_plane.schemas.WebhookFields``); the control plane delivers them
+# (``sfumato.control_plane.webhooks``).
+
+#: The job events a webhook can ask for (``webhook_events_filter``), as Replicate and cog name them:
+#: ``start`` (the job began running), ``progress`` (denoising / training steps), ``completed`` (a
+#: final status: succeeded, failed or canceled).
+WEBHOOK_EVENTS: tuple[str, ...] = ("start", "progress", "completed")
+WEBHOOK_URL_MAX_LENGTH = 2048
+
+
+@dataclass(frozen=True, slots=True)
+class JobOption:
+    """One REST-only field of a job request."""
+
+    name: str
+    description: str
+    example: Any = None
+
+
+JOB_OPTIONS: tuple[JobOption, ...] = (
+    JobOption(
+        "webhook",
+        "a URL that receives this job's events as signed POSTs (Standard Webhooks: `webhook-id`, "
+        "`webhook-timestamp`, `webhook-signature`); https, or http for hosts the operator lists",
+        example="https://example.com/hooks/sfumato",
+    ),
+    JobOption(
+        "webhook_events_filter",
+        "which events to send to `webhook`: " + ", ".join(WEBHOOK_EVENTS) + "; default: all of them",
+        example=["start", "completed"],
+    ),
+)
+JOB_OPTIONS_BY_NAME: dict[str, JobOption] = {option.name: option for option in JOB_OPTIONS}
+JOB_OPTION_NAMES: frozenset[str] = frozenset(JOB_OPTIONS_BY_NAME)

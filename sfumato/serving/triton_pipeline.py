@@ -40,16 +40,27 @@ class NetworkError(RuntimeError):
 
 
 class BlsNetworks:
-    """The four networks as Triton models, called with BLS from inside the pipeline model."""
+    """The four networks as Triton models, called with BLS from inside the pipeline model.
 
-    def __init__(self, pb_utils: Any, *, timeout_ms: int) -> None:
+    ``names`` maps each network to its Triton model (a model's own networks, e.g.
+    ``shapes-pink__unet``; the bare names by default) and ``version`` pins the version called:
+    a pipeline version calls the networks of the same version, so that two versions of a model
+    serve side by side, each with its own weights (``sfumato.export.versions``)."""
+
+    def __init__(
+        self, pb_utils: Any, *, timeout_ms: int, names: dict[str, str] | None = None, version: int = -1
+    ) -> None:
         self._pb = pb_utils
         self._timeout_us = timeout_ms * 1000
+        self._names = names or {}
+        self._version = version
 
     def _call(self, model: str, inputs: dict[str, np.ndarray], output: str) -> np.ndarray:
         pb = self._pb
+        model = self._names.get(model, model)
         request = pb.InferenceRequest(
             model_name=model,
+            model_version=self._version,
             inputs=[pb.Tensor(name, np.ascontiguousarray(value)) for name, value in inputs.items()],
             requested_output_names=[output],
             timeout=self._timeout_us,
@@ -112,9 +123,14 @@ class TritonPythonModel:
         parameters = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         assets = Path(args["model_repository"]) / args["model_version"] / "assets"
         timeout_ms = int(parameters.get("network_timeout_ms", "120000"))
-        self.pipeline = DiffusionPipeline.from_assets(
-            assets, networks=BlsNetworks(pb_utils, timeout_ms=timeout_ms)
+        spec = json.loads((assets / "pipeline.json").read_text())
+        networks = BlsNetworks(
+            pb_utils,
+            timeout_ms=timeout_ms,
+            names=dict(spec.get("networks") or {}),
+            version=int(args["model_version"]),
         )
+        self.pipeline = DiffusionPipeline.from_assets(assets, networks=networks)
 
     def _parse(self, request: Any) -> tuple[GenerationRequest, int]:
         fields: dict[str, Any] = {}

@@ -145,21 +145,22 @@ async def api(api_factory) -> Api:
 @pytest.fixture
 def complete_job():  # -> async (api, job_id, count=1) -> list[bytes]
     """``await complete_job(api, job_id, count=1)`` finishes a queued job the way a worker does,
-    without Triton: ``jobs.claim_next`` as worker ``test-worker`` (the job must be the oldest
-    claimable one), ``count`` solid-colour 32x32 PNGs put in the app's image store, then
-    ``jobs.complete_job``. Returns the PNG bytes, in index order."""
+    without Triton: ``leases.claim`` as worker ``test-worker`` (the job must be the one a claim
+    takes next), ``count`` solid-colour 32x32 PNGs put in the app's image store, then
+    ``leases.complete``. Returns the PNG bytes, in index order."""
     import hashlib
 
     import numpy as np
 
     from sfumato.clients.png import encode_png
-    from sfumato.control_plane import jobs
+    from sfumato.control_plane import leases
 
     async def complete(api: Api, job_id: str, count: int = 1) -> list[bytes]:
         services = api.app.state.services  # type: ignore[attr-defined]
         async with services.sessions() as session:
-            claimed = await jobs.claim_next(session=session, worker_id="test-worker", lease_s=60)
-        assert claimed is not None and claimed.id == job_id, "the job to complete must be the oldest queued"
+            claimed = await leases.claim(session=session, worker_id="test-worker", lease_s=60)
+        assert [job.id for job in claimed] == [job_id], "the job to complete must be the next one claimed"
+        claimed = claimed[0]
         pngs, rows = [], []
         for index in range(count):
             png = encode_png(
@@ -179,7 +180,7 @@ def complete_job():  # -> async (api, job_id, count=1) -> list[bytes]
                 }
             )
         async with services.sessions() as session:
-            recorded = await jobs.complete_job(
+            recorded = await leases.complete(
                 session=session, job_id=job_id, worker_id="test-worker", images=rows, inference_s=0.25
             )
         assert recorded

@@ -9,7 +9,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -24,6 +24,7 @@ class Served:
     url: str
     key: str  # an admin API key
     log: Path
+    env: dict[str, str] = field(default_factory=dict)  # the server's environment (for a `sfumato worker`)
 
     @property
     def headers(self) -> dict[str, str]:
@@ -79,7 +80,7 @@ def served(database_url: str, data_dir: Path, **env: str) -> Iterator[Served]:
                 assert server.poll() is None, log_path.read_text()
                 assert time.monotonic() < deadline, f"sfumato serve did not start:\n{log_path.read_text()}"
                 time.sleep(0.1)
-            yield Served(url=url, key=key, log=log_path)
+            yield Served(url=url, key=key, log=log_path, env=environment)
         finally:
             server.terminate()
             server.wait(timeout=60)

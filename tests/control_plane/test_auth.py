@@ -137,8 +137,11 @@ async def test_last_used_at_is_written_in_batches_off_the_request_path(api_facto
         await services.key_usage.flush(sessions=services.sessions)
     finally:
         event.remove(services.engine.sync_engine, "before_cursor_execute", record)
-    # Each key used (alice's own, by last_used(), and the new one) was written exactly once.
-    assert sorted(written) == sorted([new["id"], key_id(alice["key"])]), written
+    # The new key was written exactly once however often it was used; alice's own key (used by
+    # last_used()) at most once: the background flush may have written it before the listener.
+    assert written.count(new["id"]) == 1, written
+    alices = key_id(alice["key"])
+    assert written.count(alices) <= 1 and set(written) <= {new["id"], alices}, written
     assert await last_used() == used
 
 

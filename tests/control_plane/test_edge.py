@@ -11,6 +11,7 @@ import struct
 import subprocess
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -392,6 +393,46 @@ def test_over_the_unfinished_work_quota_is_resource_exhausted(stack: Stack) -> N
 
 
 # --------------------------------------------------------------------------- the edge's own surface
+
+
+def test_failed_authentication_is_throttled_per_caller_address(stack: Stack) -> None:
+    """The edge passes the caller's address; failures spend that address's budget as on REST."""
+    budget = stack.settings.auth_failure_rate_limit  # "30/minute"
+    tries = int(budget.split("/")[0])
+    user = stack.user()
+    attacker, bystander = (
+        f"198.51.100.{secrets.randbelow(250) + 1}",
+        f"203.0.113.{secrets.randbelow(250) + 1}",
+    )
+
+    def authorize(address: str, authorization: str | None) -> httpx.Response:
+        headers = {
+            "X-Sfumato-Edge-Key": stack.settings.edge_secret(),
+            "X-Sfumato-Rpc": "/inference.GRPCInferenceService/ServerLive",
+            "X-Sfumato-Client-Address": address,
+            "X-Sfumato-Call": secrets.token_hex(8),
+        }
+        if authorization:
+            headers["Authorization"] = authorization
+        return httpx.post(f"{stack.api}/internal/edge/authorize", headers=headers, content=b"", timeout=30)
+
+    for i in range(tries):
+        refused = authorize(attacker, None if i % 2 else "Bearer sfm_wrong")
+        assert refused.status_code == 403 and refused.headers["X-Grpc-Status"] == "16", refused.headers
+    # Spent: even a valid key from that address is refused, before it is looked up.
+    throttled = authorize(attacker, f"Bearer {user['key']}")
+    assert throttled.status_code == 403 and throttled.headers["X-Grpc-Status"] == "8", throttled.headers
+    assert "retry in" in urllib.parse.unquote(throttled.headers["X-Grpc-Message"])
+    # Another address is not affected.
+    assert authorize(bystander, f"Bearer {user['key']}").status_code == 200
+
+
+def test_the_edge_passes_the_callers_address_and_overwrites_a_forged_one() -> None:
+    caddyfile = render_caddyfile(
+        host="127.0.0.1", port=3, triton="127.0.0.1:2", api="127.0.0.1:1", max_body_bytes=10
+    )
+    # header_up sets the header: a value the caller sent under that name is replaced.
+    assert "header_up X-Sfumato-Client-Address {http.request.remote.host}" in caddyfile
 
 
 def test_the_internal_routes_answer_only_the_edge(stack: Stack) -> None:

@@ -1,4 +1,5 @@
-"""Through the whole stack: REST API -> jobs table -> in-process worker -> real Triton -> PNG."""
+"""Through the whole stack: REST API -> jobs table -> in-process worker -> real Triton -> PNG;
+``Prefer: wait``, the admin model routes (through the Triton gateway), and a retried job."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import numpy as np
 from PIL import Image as PILImage
 
 from sfumato.shapes import judge
+
+from .polling import finished, poll_job
 
 PROMPT = "a red circle on a white background"
 
@@ -82,8 +85,8 @@ async def test_prefer_wait_gives_up_at_the_cap(api_factory) -> None:
 async def test_admins_control_tritons_models(api_factory, triton) -> None:
     api = await api_factory(triton_url=triton.grpc_url, triton_admin_key=triton.admin_key)
     admin, member = await api.user("root", role="admin"), await api.user("alice")
-    assert (await api.client.get("/v1/models", headers=api.headers(member))).status_code == 403
-    r = await api.client.get("/v1/models", headers=api.headers(admin))
+    assert (await api.client.get("/v1/triton/models", headers=api.headers(member))).status_code == 403
+    r = await api.client.get("/v1/triton/models", headers=api.headers(admin))
     assert r.status_code == 200, r.text
     states = {m["name"]: m["state"] for m in r.json()}
     assert states == dict.fromkeys(
@@ -102,3 +105,29 @@ async def test_admins_control_tritons_models(api_factory, triton) -> None:
     ], r.text
     r = await api.client.post("/v1/models/nonesuch/load", headers=api.headers(admin))
     assert r.status_code == 404 and r.headers["content-type"] == "application/problem+json"
+
+
+async def test_a_retried_job_draws_the_images_a_first_run_would(api_factory, triton) -> None:
+    api = await api_factory()  # no worker yet: the job waits, and is canceled
+    alice = await api.user("alice")
+    headers = api.headers(alice)
+    r = await api.client.post(
+        "/v1/generations", json={"prompt": PROMPT, "num_images": 2, "steps": 10}, headers=headers
+    )
+    job = r.json()
+    assert (await api.client.post(f"/v1/generations/{job['id']}/cancel", headers=headers)).json()[
+        "status"
+    ] == "canceled"
+    r = await api.client.post(f"/v1/generations/{job['id']}/retry", headers=headers)
+    assert r.status_code == 202 and r.json()["status"] == "queued", r.text
+
+    await api_factory(workers=1, triton_url=triton.grpc_url, poll_interval_s=0.05)
+    retried = await poll_job(api.client, headers, job["id"], finished, timeout=60)
+    assert (retried["status"], retried["attempts"]) == ("succeeded", 1), retried
+    # A fresh job with the same parameters, the seed drawn at the first submission among them,
+    # run alone like the retried one: the same PNGs, byte for byte.
+    r = await api.client.post("/v1/generations", json=job["params"], headers=headers)
+    fresh = await poll_job(api.client, headers, r.json()["id"], finished, timeout=60)
+    assert fresh["status"] == "succeeded", fresh
+    assert [img["sha256"] for img in retried["images"]] == [img["sha256"] for img in fresh["images"]]
+    assert retried["seeds"] == fresh["seeds"]

@@ -2,7 +2,7 @@
 limits (per-user queue cap, rate limit, body size), img2img / inpainting uploads, reads, listing
 with cursors, cancel, delete, image download with ETags, ``Prefer: wait`` and idempotency keys.
 
-No Triton here: a job is finished through ``jobs.claim_next`` / ``jobs.complete_job`` (the
+No Triton here: a job is finished through ``leases.claim`` / ``leases.complete`` (the
 ``complete_job`` fixture), the same calls a worker makes.
 """
 
@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image as PILImage
 from sqlalchemy import func, select
 
-from sfumato.control_plane import jobs
+from sfumato.control_plane import jobs, leases
 from sfumato.control_plane.models import IdempotencyRecord, Job
 from sfumato.serving.request import MAX_SEED
 
@@ -384,7 +384,7 @@ async def test_cancel_and_delete(api) -> None:
     assert_problem(await api.client.post(f"{url}/cancel", headers=api.headers(alice)), 409)
     # A canceled job is never claimed.
     async with api.app.state.services.sessions() as session:
-        assert await jobs.claim_next(session=session, worker_id="w", lease_s=30) is None
+        assert await leases.claim(session=session, worker_id="w", lease_s=30) == []
 
     assert_problem(await api.client.get(f"{url}/images/0", headers=api.headers(alice)), 404)
     r = await api.client.delete(url, headers=api.headers(alice))
@@ -404,13 +404,81 @@ async def test_cancel_of_a_running_job_is_flagged_for_its_worker(api) -> None:
     alice = await api.user("alice")
     job = (await submit(api, alice)).json()
     async with api.app.state.services.sessions() as session:
-        claimed = await jobs.claim_next(session=session, worker_id="w", lease_s=30)
-    assert claimed is not None and claimed.id == job["id"]
+        claimed = await leases.claim(session=session, worker_id="w", lease_s=30)
+    assert [c.id for c in claimed] == [job["id"]]
     r = await api.client.post(f"/v1/generations/{job['id']}/cancel", headers=api.headers(alice))
     assert r.status_code == 200 and r.json()["status"] == "running"
     async with api.app.state.services.sessions() as session:
-        verdict = await jobs.extend_lease(session=session, job_id=job["id"], worker_id="w", lease_s=30)
-    assert verdict == "cancel"
+        verdicts = await leases.heartbeat(session=session, worker_id="w", job_ids=[job["id"]], lease_s=30)
+    assert verdicts == {job["id"]: "cancel"}
+
+
+async def test_retry_queues_a_failed_or_canceled_job_again_as_new(api_factory, complete_job) -> None:
+    api = await api_factory(max_queued_jobs_per_user=3)
+    alice, bob = await api.user("alice"), await api.user("bob")
+    sessions = api.app.state.services.sessions
+    failed = (await submit(api, alice, {"prompt": PROMPT, "num_images": 2})).json()
+    async with sessions() as session:  # a worker takes it and it fails
+        [claimed] = await leases.claim(session=session, worker_id="w", lease_s=30)
+    async with sessions() as session:
+        assert await leases.finish(
+            session=session, job_id=claimed.id, worker_id="w", status="failed", error="Triton said no"
+        )
+    before = (await api.client.get(f"/v1/generations/{failed['id']}", headers=api.headers(alice))).json()
+    assert (before["status"], before["attempts"], before["error"]) == ("failed", 1, "Triton said no")
+
+    # Another user's job is not found; a missing one neither.
+    assert_problem(
+        await api.client.post(f"/v1/generations/{failed['id']}/retry", headers=api.headers(bob)), 404
+    )
+    assert_problem(await api.client.post("/v1/generations/nope/retry", headers=api.headers(alice)), 404)
+
+    r = await api.client.post(f"/v1/generations/{failed['id']}/retry", headers=api.headers(alice))
+    assert r.status_code == 202, r.text
+    assert r.headers["location"] == f"/v1/generations/{failed['id']}"
+    job = r.json()
+    assert (job["status"], job["attempts"], job["error"], job["progress"]) == ("queued", 0, None, 0.0)
+    assert job["started_at"] is None and job["finished_at"] is None
+    assert job["timings"] == {"queued_s": None, "inference_s": None, "total_s": None}
+    assert job["params"] == before["params"]  # the seed among them: the same images as a first run
+    assert job["created_at"] == before["created_at"]
+    async with sessions() as session:  # claimable again, as a first claim
+        [again] = await leases.claim(session=session, worker_id="w2", lease_s=30)
+    assert (again.id, again.attempts, again.reclaimed) == (failed["id"], 1, False)
+    assert again.queue_wait_s is not None  # counted from the retry, not from the first submission
+
+    # Running, queued or succeeded: 409.
+    assert_problem(
+        await api.client.post(f"/v1/generations/{failed['id']}/retry", headers=api.headers(alice)), 409
+    )
+    queued = (await submit(api, alice)).json()
+    assert_problem(
+        await api.client.post(f"/v1/generations/{queued['id']}/retry", headers=api.headers(alice)), 409
+    )
+    await complete_job(api, queued["id"])
+    assert_problem(
+        await api.client.post(f"/v1/generations/{queued['id']}/retry", headers=api.headers(alice)), 409
+    )
+
+    # Canceled: retried too, and it counts against the unfinished-jobs cap.
+    canceled = (await submit(api, alice)).json()
+    assert (
+        await api.client.post(f"/v1/generations/{canceled['id']}/cancel", headers=api.headers(alice))
+    ).json()["status"] == "canceled"
+    await submit(api, alice)
+    last = (await submit(api, alice)).json()  # alice now has 3 unfinished jobs: the cap
+    body = assert_problem(
+        await api.client.post(f"/v1/generations/{canceled['id']}/retry", headers=api.headers(alice)), 429
+    )
+    assert "unfinished" in body["detail"]
+    async with sessions() as session:
+        job_row = await session.get(Job, canceled["id"])
+        assert job_row is not None and job_row.status == "canceled"  # left as it was
+    # Once a slot frees, the canceled job goes back to the queue.
+    r = await api.client.post(f"/v1/generations/{last['id']}/cancel", headers=api.headers(alice))
+    assert r.status_code == 200 and r.json()["status"] == "canceled"
+    r = await api.client.post(f"/v1/generations/{canceled['id']}/retry", headers=api.headers(alice))
+    assert r.status_code == 202 and r.json()["status"] == "queued", r.text
 
 
 async def test_image_download_with_etag_and_304(api, complete_job) -> None:

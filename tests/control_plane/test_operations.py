@@ -13,9 +13,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel
 
-from sfumato.control_plane import jobs, schemas
+from sfumato.control_plane import leases, schemas
 from sfumato.control_plane.models import Job
 
+from .datasets_zip import shapes_zip
 from .problems import assert_problem
 
 PROMPT = "a red circle on a white background"
@@ -115,7 +116,8 @@ async def test_request_id_is_echoed_or_generated(api) -> None:
 async def test_unknown_routes_and_methods_are_problems(api) -> None:
     body = assert_problem(await api.client.get("/v1/nothing-here"), 404)
     assert body["instance"] == "/v1/nothing-here"
-    assert_problem(await api.client.get("/"), 404)
+    assert_problem(await api.client.get("/nothing-here"), 404)  # (`/` is the playground)
+    assert_problem(await api.client.get("/playground/js/nothing.js"), 404)
     r = await api.client.put("/v1/generations", json={})
     assert_problem(r, 405)
     assert "allow" in r.headers
@@ -181,6 +183,14 @@ async def test_openapi_documents_every_operation_with_examples(api) -> None:
             for example in model.model_json_schema().get("examples", []):
                 model.model_validate(example)
     admin = await api.user("root", role="admin")
+    # A data set of the admin's: a training example names one (an unknown one is a 422 on dataset_id).
+    r = await api.client.post(
+        "/v1/datasets",
+        headers=api.headers(admin),
+        files={"file": ("d.zip", shapes_zip(4), "application/zip")},
+    )
+    assert r.status_code == 201, r.text
+    dataset_id = r.json()["id"]
     sent = 0
     for path, item in spec["paths"].items():
         for method, op in item.items():
@@ -188,7 +198,10 @@ async def test_openapi_documents_every_operation_with_examples(api) -> None:
             if media is None:
                 continue
             for example in _resolve(spec, media["schema"]).get("examples", []):
-                url = path.replace("{user_id}", admin["id"])
+                # Other path parameters: a well-formed id of nothing (404, not a 422 on the path).
+                url = re.sub(r"\{\w+\}", "0" * 32, path.replace("{user_id}", admin["id"]))
+                if "dataset_id" in example:
+                    example = example | {"dataset_id": dataset_id}
                 r = await api.client.request(method, url, json=example, headers=api.headers(admin))
                 assert r.status_code != 422, f"{method.upper()} {path} example {example}: {r.text}"
                 sent += 1
@@ -236,7 +249,8 @@ async def test_metrics_an_operator_alerts_on(api_factory, complete_job) -> None:
     # Cancellations by the job's state: alice's queued job, then bob's once running.
     await api.client.post(f"/v1/generations/{first['id']}/cancel", headers=api.headers(alice))
     async with services.sessions() as session:
-        assert (await jobs.claim_next(session=session, worker_id="w", lease_s=60)).id == second["id"]
+        claimed = await leases.claim(session=session, worker_id="w", lease_s=60)
+        assert [c.id for c in claimed] == [second["id"]]
     r = await api.client.post(f"/v1/generations/{second['id']}/cancel", headers=api.headers(bob))
     assert r.json()["status"] == "running"
     values = await scrape()
