@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-from sfumato.control_plane.schemas import JobStatus
+from sfumato.control_plane.schemas import JobStatus, WebhookFields
 
 ModelName = Annotated[
     str, StringConstraints(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -61,7 +61,11 @@ TRAINING_EXAMPLE = {
 }
 
 
-class TrainingCreate(BaseModel):
+class TrainingCreate(WebhookFields):  # type: ignore[misc,valid-type]
+    """A fine-tune of a registered model on one of your data sets; ``webhook`` and
+    ``webhook_events_filter`` as on a generation (events ``training.start``, ``training.progress``,
+    ``training.completed``)."""
+
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [TRAINING_EXAMPLE]})
 
     dataset_id: str = Field(
@@ -183,6 +187,8 @@ class TrainingOut(BaseModel):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    webhook: str | None = None
+    webhook_events_filter: list[str] | None = None
 
 
 class TrainingPage(BaseModel):

@@ -23,7 +23,7 @@ from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import raiseload
 
-from sfumato.control_plane import events, jobs, pagination
+from sfumato.control_plane import events, jobs, pagination, webhooks
 from sfumato.control_plane.auth import Principal
 from sfumato.control_plane.models import FINAL_STATUSES, Dataset, Job, new_id, utcnow
 from sfumato.control_plane.settings import Settings
@@ -78,6 +78,8 @@ def to_out(job: Job) -> TrainingOut:
         created_at=job.created_at,
         started_at=job.started_at,
         finished_at=job.finished_at,
+        webhook=job.webhook,
+        webhook_events_filter=job.webhook_events if job.webhook else None,
     )
 
 
@@ -138,6 +140,8 @@ async def create_training(
     *, session: AsyncSession, settings: Settings, principal: Principal, body: TrainingCreate
 ) -> Job:
     require_trainer(principal)
+    if body.webhook is not None:  # what the operator allows (https, public hosts, listed http hosts)
+        webhooks.check_target(body.webhook, settings)
     base_model = body.base_model or await _default_model(session, settings)
     base = await _base(session, settings, base_model)
     dataset = await session.get(Dataset, body.dataset_id)
@@ -156,7 +160,7 @@ async def create_training(
             retry_after=60,
             limit="queued_trainings",
         )
-    params = body.model_dump(mode="json", exclude={"steps", "epochs"})
+    params = body.model_dump(mode="json", exclude={"steps", "epochs", "webhook", "webhook_events_filter"})
     params.update(
         base_model=base_model,
         **base,
@@ -178,8 +182,12 @@ async def create_training(
         model_name=base_model,
         details={"step": 0, "total": params["steps"], "loss": None, "eta_s": None, "history": []},
         images=[],
+        webhook=body.webhook,
+        webhook_events=body.webhook_events_filter,
     )
     session.add(job)
+    if body.webhook is not None:  # the user's signing secret exists before the first delivery
+        await webhooks.ensure_secret(session=session, user_id=principal.user_id)
     await session.commit()
     return job
 

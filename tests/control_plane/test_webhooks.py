@@ -19,10 +19,11 @@ import pytest_asyncio
 from sqlalchemy import func, select
 from standardwebhooks import Webhook, WebhookVerificationError
 
-from sfumato.control_plane import webhooks
+from sfumato.control_plane import leases, trainings, webhooks
 from sfumato.control_plane.models import WebhookAttempt, WebhookDelivery, utcnow
 
 from .conftest import Api
+from .datasets_zip import shapes_zip
 from .webhook_receiver import Answer, Receiver
 
 
@@ -571,6 +572,67 @@ async def test_submission_refuses_what_the_operator_does_not_allow(hooks: Api) -
         hooks, alice, "https://hooks.example.com/h", webhook_events_filter=["completed", "start"]
     )
     assert job["webhook_events_filter"] == ["start", "completed"]
+
+
+async def test_a_trainings_life_reaches_its_webhook(hooks: Api, receiver: Receiver) -> None:
+    """A training carries a webhook as a generation does: the runner's claim, its progress reports
+    and its completion (``leases.claim``, ``trainings.report``, ``trainings.complete``) become
+    ``training.*`` deliveries; what the operator does not allow is a 422 naming the field."""
+    tess = await hooks.user("tess", role="trainer")
+    upload = await hooks.client.post(
+        "/v1/datasets",
+        headers=hooks.headers(tess),
+        files={"file": ("d.zip", shapes_zip(4), "application/zip")},
+    )
+    assert upload.status_code == 201, upload.text
+    body = {"dataset_id": upload.json()["id"], "steps": 3}
+    for bad, field in (
+        ({"webhook": "https://10.0.0.1/h"}, "webhook"),
+        ({"webhook_events_filter": ["completed"]}, "webhook_events_filter"),
+    ):
+        r = await hooks.client.post("/v1/trainings", json={**body, **bad}, headers=hooks.headers(tess))
+        assert r.status_code == 422 and field in r.text, (bad, r.text)
+
+    r = await hooks.client.post(
+        "/v1/trainings",
+        json={**body, "webhook": receiver.url(), "webhook_events_filter": ["progress", "completed"]},
+        headers=hooks.headers(tess),
+    )
+    assert r.status_code == 202, r.text
+    training = r.json()
+    assert training["webhook"] == receiver.url() and training["webhook_events_filter"] == [
+        "progress",
+        "completed",
+    ]
+    assert "webhook" not in training["params"]
+    services = hooks.app.state.services  # type: ignore[attr-defined]
+    async with services.sessions() as session:
+        (claimed,) = await leases.claim(session=session, worker_id="runner", lease_s=30, queue="trainings")
+    assert claimed.id == training["id"]
+    for step in (1, 2, 3):
+        async with services.sessions() as session:
+            details = {"step": step, "total": 3, "loss": 0.5 / step, "eta_s": 3.0 - step}
+            assert await trainings.report(
+                session=session, training_id=claimed.id, details=details, progress=step / 3
+            )
+    async with services.sessions() as session:
+        assert await trainings.complete(session=session, training_id=claimed.id, worker_id="runner")
+
+    results = await dispatcher(hooks, Clock()).deliver_due()
+    assert sorted(results.values()) == ["delivered"] * 4  # 3 progress + completed; start filtered out
+    key = await secret(hooks, tess)
+    payloads = [verify(key, request) for request in receiver.requests]
+    assert [p["type"] for p in payloads if p["type"] == "training.progress"] == ["training.progress"] * 3
+    assert sorted(p["data"]["step"] for p in payloads if p["type"] == "training.progress") == [1, 2, 3]
+    (done,) = [p["data"] for p in payloads if p["type"] == "training.completed"]
+    assert done["id"] == training["id"] and done["status"] == "succeeded" and done["method"] == "lora"
+    r = await hooks.client.get(
+        "/v1/webhooks/deliveries", params={"job_id": training["id"]}, headers=hooks.headers(tess)
+    )
+    assert (
+        sorted(d["event_type"] for d in r.json()["items"])
+        == ["training.completed"] + ["training.progress"] * 3
+    )
 
 
 async def test_deliveries_are_the_owners_alone(hooks: Api, receiver: Receiver) -> None:
