@@ -380,8 +380,9 @@ async def astream_generate(
                 raise TritonUnavailableError("the stream ended before the final response") from None
             except Exception as exc:  # grpc.aio.AioRpcError: the whole stream failed
                 raise triton_error(exc) from None
-            if error is not None:
+            if error is not None:  # the model's error is its final response: the stream ends too
                 failure = triton_error(error)
+                ended = await _stream_ended(responses)
                 # The stream's deadline passed: Triton cancels the request, and the model's
                 # "cancelled" answer can reach us before the stream's own DEADLINE_EXCEEDED.
                 if isinstance(failure, TritonCancelledError) and time.monotonic() - started >= timeout_s:
@@ -392,8 +393,8 @@ async def astream_generate(
             event = _event(result)
             if isinstance(event, Generation):
                 # Let the stream end on its own (Triton ends it right after the final response)
-                # rather than cancel it: Triton 2.51 keeps a decoupled model "live" for good after
-                # a stream cancelled past its final response, and then cannot unload or stop it.
+                # rather than cancel it: Triton 2.51 can keep a decoupled model "live" for good
+                # after a stream cancelled past its final response, and then cannot unload it.
                 ended = await _stream_ended(responses)
                 yield event
                 return

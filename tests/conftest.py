@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.triton_exit import assert_stopped_cleanly
+from tests.triton_exit import stop_and_check
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_MODEL = ROOT / "models" / "sfumato-shapes"
@@ -19,6 +19,61 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 # every Settings() of the tests and every `sfumato` subprocess they start finds it
 # (SFUMATO_TRITON_ADMIN_KEY); tests of the no-setting path remove it.
 os.environ.setdefault("SFUMATO_TRITON_ADMIN_KEY", secrets.token_urlsafe(32))
+
+
+# `make test` runs the suite on two pytest-xdist workers (`-n 2 --dist loadgroup`): most of its
+# time is spent waiting on servers, subprocesses and Triton, so two workers overlap it on two
+# cores. Tests go one by one to whichever worker is free, except these groups, each kept on one
+# worker: modules whose module-scoped fixtures start servers (started once, not once per worker),
+# and the two SD-1.5-sized tests (their memory). Groups go out first, the longest first, so that
+# no long group is left to run alone at the end.
+ONE_WORKER_GROUPS = {
+    "tests/test_export_sd15.py": "sd15",
+    "tests/test_finetune_sd15.py": "sd15",
+    "tests/control_plane/test_registry.py": "registry",
+    "tests/control_plane/test_sdk.py": "sdk",
+    "tests/control_plane/test_playground.py": "playground",
+    "tests/control_plane/test_edge.py": "edge",
+    "tests/test_schedulers.py": "schedulers",
+    "tests/test_alerts.py": "alerts",
+}
+GROUP_ORDER = ["sd15", "registry", "sdk", "playground", "edge", "schedulers", "alerts"]
+
+
+def _group(nodeid: str) -> str | None:
+    return ONE_WORKER_GROUPS.get(nodeid.split("::", 1)[0])
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log):  # type: ignore[no-untyped-def]
+    """``--dist loadgroup`` with the groups above. (pytest-xdist's own loadgroup reads
+    ``xdist_group`` marks into node ids, which pytest 9.2's node ids no longer allow.)"""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            group = _group(nodeid)
+            return f"group:{group}" if group else nodeid  # one test: a unit of its own
+
+    config.option.loadscopereorder = False  # keep the order below (groups first)
+    return GroupScheduling(config, log)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: index for index, name in enumerate(GROUP_ORDER)}
+    items.sort(key=lambda item: rank.get(_group(item.nodeid) or "", len(rank)))  # stable sort
+
+
+@pytest.fixture
+def big_memory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """One test at a time, across pytest-xdist's workers, that needs SD-1.5-sized memory
+    (a 3.4 GB UNet in PyTorch, again in ONNX Runtime): two at once would not fit in 24 GiB."""
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp().parent  # the workers' common base (one session)
+    with FileLock(str(shared / "sfumato-big-memory.lock")):
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -60,4 +115,4 @@ def triton(tmp_path_factory: pytest.TempPathFactory, exported_repo: Path) -> Ite
     )
     server.start(timeout=300)
     yield server
-    assert_stopped_cleanly(server, server.stop())
+    stop_and_check(server)

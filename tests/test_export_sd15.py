@@ -35,6 +35,7 @@ SD15_UNET = {
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("big_memory")
 def test_sd15_sized_unet_exports_with_external_data_and_parity(tmp_path: Path) -> None:
     import torch
     from diffusers import UNet2DConditionModel

@@ -16,6 +16,7 @@ from tests.test_export_sd15 import SD15_UNET
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("big_memory")
 def test_one_lora_step_fuse_and_export_at_sd15_size(tmp_path: Path) -> None:
     import torch
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -207,39 +209,45 @@ async def test_async_stream_yields_typed_events_and_stops_when_its_task_is_cance
 
 
 async def test_streams_read_to_their_end_leave_pipeline_stream_free_to_unload(triton) -> None:
-    """Concurrent streams queue on ``pipeline_stream``'s instances; once each has its images the
+    """Concurrent streams queue on a decoupled pipeline's instance; once each has its images the
     model unloads (and so Triton stops) at once. A client that cancelled each stream after its
     final response left the model live for good in Triton 2.51: the unload never finished and
-    every stop waited out --exit-timeout-secs."""
+    every stop waited out --exit-timeout-secs. Run on a copy of ``pipeline_stream`` of its own
+    (``stream_probe``), which no other test's streams touch."""
     admin = {ADMIN_KEY_GRPC_METADATA: triton.admin_key}
+    probe = triton.repository / "stream_probe"
+    shutil.copytree(triton.repository / contract.STREAM_MODEL, probe)
+    config = probe / "config.pbtxt"
+    text = config.read_text().replace(f'name: "{contract.STREAM_MODEL}"', 'name: "stream_probe"', 1)
+    config.write_text(re.sub(r"count: \d+", "count: 1", text, count=1))  # one instance: streams queue
+    grpc_client = grpcclient.InferenceServerClient(triton.grpc_url)
     client = aio.InferenceServerClient(triton.grpc_url)
 
     async def one(seed: int) -> Generation:
-        async with contextlib.aclosing(astream_generate(client, RED_CIRCLE, steps=2, seed=seed)) as stream:
+        async with contextlib.aclosing(
+            astream_generate(client, RED_CIRCLE, steps=2, seed=seed, model="stream_probe")
+        ) as stream:
             return [event async for event in stream][-1]
 
     def state() -> str:
         index = grpc_client.get_model_repository_index(headers=admin, as_json=True)["models"]
-        versions = [m for m in index if m["name"] == contract.STREAM_MODEL and m.get("version") == "1"]
+        versions = [m for m in index if m["name"] == "stream_probe" and m.get("version") == "1"]
         return versions[0].get("state", "") if versions else "UNAVAILABLE"
 
-    grpc_client = grpcclient.InferenceServerClient(triton.grpc_url)
     try:
-        for _ in range(3):
-            results = await asyncio.gather(*(one(seed) for seed in range(8)))
+        await asyncio.to_thread(grpc_client.load_model, "stream_probe", headers=admin)
+        for _ in range(5):
+            results = await asyncio.gather(*(one(seed) for seed in range(4)))
             assert all(isinstance(r, Generation) for r in results)
-        await asyncio.to_thread(grpc_client.unload_model, contract.STREAM_MODEL, headers=admin)
-        deadline = time.monotonic() + 60  # unloading 4 stubs takes ~1 s on idle cores
+        await asyncio.to_thread(grpc_client.unload_model, "stream_probe", headers=admin)
+        deadline = time.monotonic() + 60  # unloading its one stub takes well under a second when idle
         while (current := await asyncio.to_thread(state)) != "UNAVAILABLE":
-            assert time.monotonic() < deadline, f"pipeline_stream still {current} 60 s after its unload"
+            assert time.monotonic() < deadline, f"stream_probe still {current} 60 s after its unload"
             await asyncio.sleep(0.2)
-    finally:  # the other tests need it back
-        await asyncio.to_thread(grpc_client.load_model, contract.STREAM_MODEL, headers=admin)
-        grpc_client.close()
-    try:
-        assert isinstance(await one(seed=9), Generation)
     finally:
         await client.close()
+        grpc_client.close()
+        shutil.rmtree(probe)
 
 
 def _unet_batches(triton) -> dict[int, int]:

@@ -9,11 +9,13 @@ worker: cancelling and paging need no timing luck.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
 import re
 import secrets
+import select
 import shutil
 import signal
 import socket
@@ -465,6 +467,35 @@ def in_flight(url: str) -> float:
     return float(re.search(r"^sfumato_http_requests_in_flight (\S+)$", text, re.MULTILINE).group(1))
 
 
+@contextlib.contextmanager
+def holding_the_only_slot(url: str) -> Iterator[socket.socket]:
+    """A request held open (its body never sent) in a server that takes one at a time. The page
+    may have a request of its own in flight when ours arrives, and then ours is the one shed: wait
+    for a quiet server, hold, and start again if ours was answered instead of counted."""
+    host, port = url.removeprefix("http://").split(":")
+    deadline = time.monotonic() + 120
+    while True:
+        while in_flight(url) > 0:  # the page's own requests (sign-in, history) first
+            assert time.monotonic() < deadline, "the server never became idle"
+            time.sleep(0.05)
+        held = socket.create_connection((host, int(port)), timeout=30)
+        held.sendall(
+            b"POST /v1/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100\r\n\r\n"
+        )
+        answered = False
+        while not answered and in_flight(url) < 1:
+            assert time.monotonic() < deadline, "the held request never counted"
+            answered = bool(select.select([held], [], [], 0.05)[0])  # shed: a 503 came back
+        if not answered and not select.select([held], [], [], 0.2)[0]:
+            break  # counted, and still unanswered: ours holds the slot
+        held.close()
+    try:
+        yield held
+    finally:
+        held.close()
+
+
 def test_message_for_503_when_the_api_sheds_load(site: Site, page, tmp_path: Path) -> None:
     """A second API process on the site's database that takes one request at a time; one request
     held open (its body never sent) fills it, and the page's next request is shed: 503 +
@@ -475,16 +506,7 @@ def test_message_for_503_when_the_api_sheds_load(site: Site, page, tmp_path: Pat
             page, Site(served=crowded, database=site.database, database_url=site.database_url), ivan["key"]
         )
         page.get_by_label("Prompt", exact=True).fill(PROMPT)
-        host, port = crowded.url.removeprefix("http://").split(":")
-        with socket.create_connection((host, int(port)), timeout=30) as held:
-            held.sendall(
-                b"POST /v1/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                b"Content-Length: 100\r\n\r\n"
-            )
-            deadline = time.monotonic() + 60
-            while in_flight(crowded.url) < 1:
-                assert time.monotonic() < deadline, "the held request never counted"
-                time.sleep(0.05)
+        with holding_the_only_slot(crowded.url):
             page.get_by_role("button", name="Generate").click()
             text = alert_text(page)
         assert "(503)" in text and re.search(r"Retry in 1 s \(at .+\)", text), text

@@ -24,7 +24,7 @@ from PIL import Image as PILImage
 
 from sfumato.control_plane import registry
 from sfumato.model_repository import models_on_disk
-from tests.triton_exit import assert_stopped_cleanly
+from tests.triton_exit import stop_and_check
 
 from .problems import assert_problem
 
@@ -81,7 +81,7 @@ def versioned(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Ite
     yield Versioned(
         repository=repository, tinted=tinted, grpc_url=server.grpc_url, admin_key=server.admin_key
     )
-    assert_stopped_cleanly(server, server.stop())
+    stop_and_check(server)
 
 
 async def _api(api_factory, versioned: Versioned, **settings: object):
