@@ -308,8 +308,18 @@ async def report(
     *, session: AsyncSession, training_id: str, details: dict[str, Any], progress: float
 ) -> bool:
     """Write the running training's ``details`` (merged) and ``progress``; False when it is no
-    longer running (canceled, deleted, finished: the process should stop)."""
-    job = await session.get(Job, training_id, options=[raiseload(Job.images)], populate_existing=True)
+    longer running (canceled, deleted, finished: the process should stop). The row is locked
+    while ``details`` is merged (PostgreSQL; SQLite has one writer): two reports at once must not
+    lose each other's keys."""
+    query = (
+        select(Job)
+        .options(raiseload(Job.images))
+        .where(Job.id == training_id)
+        .execution_options(populate_existing=True)
+    )
+    if session.bind is not None and session.bind.dialect.name == "postgresql":
+        query = query.with_for_update()
+    job = await session.scalar(query)
     if job is None or job.status != "running":
         await session.rollback()
         return False

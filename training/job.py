@@ -148,6 +148,8 @@ async def _run(services: Any, training_id: str) -> dict[str, Any]:
         except Stopped:
             log.info("training %s is no longer running; stopped", training_id)
             return {"stopped": True}
+        for report in pending:  # the last step's report lands before the summary, not over it
+            await asyncio.wrap_future(report)
         resumes = list((job.details or {}).get("resumed_from", []))
         if result.resumed_from:
             resumes.append(result.resumed_from)
