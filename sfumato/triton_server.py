@@ -20,9 +20,11 @@ python-backend stubs die with the process that started it, SIGKILL included.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -44,8 +46,23 @@ ADMIN_KEY_GRPC_METADATA = f"triton-grpc-protocol-{ADMIN_KEY_HEADER}"
 RESTRICTED_GROUPS = ("model-repository", "model-config", "shared-memory", "trace", "logging")
 
 
+_log = logging.getLogger(__name__)
+
+
 class TritonStartError(SfumatoError):
     """Triton did not become ready: a model failed to load, a port was busy, or it crashed."""
+
+
+class TritonCrashedError(TritonStartError):
+    """Triton died of a signal while starting (an abort or a segfault, not an error it reported)."""
+
+
+# Exit statuses of a crash, as Popen reports them (-signal) and as the process guard reports a
+# child killed by a signal (128 + signal). Triton 2.51's python backend can abort while it
+# launches its stubs on a starved machine (boost::interprocess::lock_exception, an upstream
+# race); a new start of the same command comes up.
+CRASH_SIGNALS = (signal.SIGABRT, signal.SIGSEGV, signal.SIGBUS)
+CRASH_CODES = frozenset({-int(s) for s in CRASH_SIGNALS} | {128 + int(s) for s in CRASH_SIGNALS})
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,9 +204,28 @@ class TritonServer:
         ]
         return args
 
-    def start(self, *, timeout: float = 180.0, cancel: threading.Event | None = None) -> None:
+    def start(
+        self, *, timeout: float = 180.0, cancel: threading.Event | None = None, crash_retries: int = 2
+    ) -> None:
         """Start Triton (under a process guard) and wait until it is ready; ``cancel`` set while
-        waiting stops it and raises :class:`TritonStartError`."""
+        waiting stops it and raises :class:`TritonStartError`. A Triton that crashes while it
+        starts (:data:`CRASH_CODES`) is started again, up to ``crash_retries`` times, each crash's
+        log kept beside the new one (``tritonserver-<port>.crash<N>.log``)."""
+        for attempt in range(crash_retries + 1):
+            self._launch()
+            try:
+                self.wait_ready(timeout=timeout, cancel=cancel)
+                return
+            except TritonCrashedError as exc:
+                if attempt == crash_retries:
+                    raise
+                assert self.process is not None and self.log_path is not None
+                process_guard.stop(self.process, timeout=10)  # its stubs too, and the ports free
+                kept = self.log_path.with_suffix(f".crash{attempt + 1}.log")
+                self.log_path.replace(kept)
+                _log.warning("%s; starting it again (log of the crash: %s)", exc, kept)
+
+    def _launch(self) -> None:
         dist = find_distribution()
         for label, port in (
             ("HTTP", self.http_port),
@@ -211,7 +247,6 @@ class TritonServer:
             )
         finally:
             log.close()
-        self.wait_ready(timeout=timeout, cancel=cancel)
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
@@ -239,7 +274,8 @@ class TritonServer:
                 self.stop()
                 raise TritonStartError("start of tritonserver cancelled")
             if self.process.poll() is not None:
-                raise TritonStartError(
+                error = TritonCrashedError if self.process.returncode in CRASH_CODES else TritonStartError
+                raise error(
                     f"tritonserver exited with code {self.process.returncode}: {self.failure_summary()}"
                 )
             if self.ready():

@@ -10,6 +10,7 @@ import pytest
 
 from sfumato.errors import UsageError
 from sfumato.triton_server import (
+    TritonCrashedError,
     TritonServer,
     TritonStartError,
     free_port,
@@ -62,3 +63,39 @@ def test_a_model_that_fails_to_load_is_named(tmp_path: Path, exported_repo: Path
     with pytest.raises(TritonStartError, match="text_encoder"):
         server.start(timeout=120)
     assert server.process is not None and server.process.poll() is not None
+
+
+def test_a_triton_that_crashes_while_starting_is_started_again(
+    tmp_path: Path, exported_repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Triton 2.51's python backend can abort while launching its stubs on a starved machine
+    (boost::interprocess::lock_exception): the start is tried again, the crash's log kept. The
+    first launch here dies of SIGABRT at once; the second is the real tritonserver."""
+    real = TritonServer.command
+    launches = []
+
+    def command(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        launches.append(len(launches))
+        if len(launches) == 1:
+            return ["sh", "-c", "echo 'terminate called (a crash while starting)'; kill -ABRT $$"]
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(TritonServer, "command", command)
+    server = _server(exported_repo, tmp_path, models=["text_encoder"])
+    server.start(timeout=120)
+    try:
+        assert server.ready() and len(launches) == 2
+        (crash_log,) = tmp_path.glob("tritonserver-*.crash1.log")
+        assert "a crash while starting" in crash_log.read_text()
+    finally:
+        assert server.stop() == 0
+
+
+def test_a_triton_that_keeps_crashing_is_an_error(
+    tmp_path: Path, exported_repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(TritonServer, "command", lambda self, *a, **k: ["sh", "-c", "kill -SEGV $$"])
+    server = _server(exported_repo, tmp_path)
+    with pytest.raises(TritonCrashedError, match="exited with code"):
+        server.start(timeout=60, crash_retries=1)
+    assert len(list(tmp_path.glob("tritonserver-*.crash*.log"))) == 1
