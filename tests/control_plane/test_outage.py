@@ -59,6 +59,14 @@ def _shm_regions(pids: list[int]) -> set[str]:
 
 
 async def test_jobs_outlive_a_triton_outage(api_factory, triton) -> None:
+    # All 24 queued before the worker starts: its first claim fills its capacity at once, however
+    # slowly a busy machine lets the submissions arrive.
+    front = await api_factory(triton_url=triton.grpc_url, max_queued_jobs_per_user=50)
+    alice, bob = await front.user("alice"), await front.user("bob")
+    owners = {}
+    for i in range(24):
+        who = (alice, bob)[i % 2]
+        owners[await submit(front, who, {**BODY, "seed": i})] = who
     api = await api_factory(
         workers=1,
         triton_url=triton.grpc_url,
@@ -67,11 +75,6 @@ async def test_jobs_outlive_a_triton_outage(api_factory, triton) -> None:
         retry_backoff_s=0.2,
         max_queued_jobs_per_user=50,
     )
-    alice, bob = await api.user("alice"), await api.user("bob")
-    owners = {}
-    for i in range(24):
-        who = (alice, bob)[i % 2]
-        owners[await submit(api, who, {**BODY, "seed": i})] = who
 
     async def several_in_flight() -> int:
         running = await running_jobs(api)
