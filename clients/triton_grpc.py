@@ -323,6 +323,20 @@ def stream_generate(
         client.close()
 
 
+def _after_deadline(failure: TritonCallError, started: float, timeout_s: float) -> TritonCallError:
+    """``failure``, or a :class:`TritonDeadlineError` when the stream's deadline had passed and the
+    failure does not say more: Triton cancels the request then, and the model's "cancelled"
+    answer (or gRPC's own CANCELLED, UNKNOWN or INTERNAL "Internal error from Core" of a stream
+    torn down mid-way, seen on a busy machine) can reach us before the stream's own
+    DEADLINE_EXCEEDED."""
+    vague = isinstance(failure, TritonCancelledError) or failure.code in {"CANCELLED", "UNKNOWN", "INTERNAL"}
+    if vague and time.monotonic() - started >= timeout_s:
+        return TritonDeadlineError(
+            f"deadline of {timeout_s} s exceeded ({failure})", code="DEADLINE_EXCEEDED"
+        )
+    return failure
+
+
 async def _stream_ended(responses: Any, timeout_s: float = 5.0) -> bool:
     """Read a gRPC stream to its end (what is left after the final response); False when it
     did not end in ``timeout_s`` or failed, and must be cancelled."""
@@ -379,17 +393,11 @@ async def astream_generate(
             except StopAsyncIteration:
                 raise TritonUnavailableError("the stream ended before the final response") from None
             except Exception as exc:  # grpc.aio.AioRpcError: the whole stream failed
-                raise triton_error(exc) from None
+                raise _after_deadline(triton_error(exc), started, timeout_s) from None
             if error is not None:  # the model's error is its final response: the stream ends too
                 failure = triton_error(error)
                 ended = await _stream_ended(responses)
-                # The stream's deadline passed: Triton cancels the request, and the model's
-                # "cancelled" answer can reach us before the stream's own DEADLINE_EXCEEDED.
-                if isinstance(failure, TritonCancelledError) and time.monotonic() - started >= timeout_s:
-                    raise TritonDeadlineError(
-                        f"deadline of {timeout_s} s exceeded ({failure})", code="DEADLINE_EXCEEDED"
-                    )
-                raise failure
+                raise _after_deadline(failure, started, timeout_s)
             event = _event(result)
             if isinstance(event, Generation):
                 # Let the stream end on its own (Triton ends it right after the final response)
