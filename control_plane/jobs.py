@@ -474,24 +474,34 @@ async def list_jobs(
 # --------------------------------------------------------------------------- cancel / retry / delete
 
 
+async def request_cancel(*, session: AsyncSession, job_id: str) -> bool:
+    """In the caller's transaction: a queued job is canceled at once (True); a running one is
+    flagged for its worker or runner, which stops it (False)."""
+    result = await session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == "queued")
+        .values(
+            status="canceled",
+            finished_at=utcnow(),
+            cancel_requested=True,
+            lease_owner=None,
+            lease_expires_at=None,
+        )
+    )
+    if result.rowcount:
+        return True
+    await session.execute(
+        update(Job).where(Job.id == job_id, Job.status == "running").values(cancel_requested=True)
+    )
+    return False
+
+
 async def cancel_job(*, session: AsyncSession, principal: Principal, job_id: str) -> Job:
     """Queued: canceled at once. Running: flagged; the worker cancels the Triton call."""
     job = await get_job(session=session, principal=principal, job_id=job_id)
     if job.status in FINAL_STATUSES:
         raise ConflictError(f"generation {job_id} is already {job.status}")
-    now = utcnow()
-    result = await session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status == "queued")
-        .values(
-            status="canceled", finished_at=now, cancel_requested=True, lease_owner=None, lease_expires_at=None
-        )
-    )
-    if result.rowcount == 0:
-        await session.execute(
-            update(Job).where(Job.id == job_id, Job.status == "running").values(cancel_requested=True)
-        )
-    else:  # canceled at once: final now
+    if await request_cancel(session=session, job_id=job_id):  # canceled at once: final now
         job = await get_job(session=session, principal=principal, job_id=job_id)
         await publish_state(session=session, job=job)
     await session.commit()

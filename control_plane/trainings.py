@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import raiseload
 
@@ -239,19 +239,7 @@ async def cancel_training(*, session: AsyncSession, principal: Principal, traini
     job = await read_training(session=session, principal=principal, training_id=training_id)
     if job.status in FINAL_STATUSES:
         raise ConflictError(f"training {training_id} is already {job.status}")
-    now = utcnow()
-    result = await session.execute(
-        update(Job)
-        .where(Job.id == training_id, Job.status == "queued")
-        .values(
-            status="canceled", finished_at=now, cancel_requested=True, lease_owner=None, lease_expires_at=None
-        )
-    )
-    if result.rowcount == 0:
-        await session.execute(
-            update(Job).where(Job.id == training_id, Job.status == "running").values(cancel_requested=True)
-        )
-    else:  # canceled at once: final now
+    if await jobs.request_cancel(session=session, job_id=training_id):  # canceled at once: final now
         job = await session.get(Job, training_id, populate_existing=True)
         await jobs.publish_state(session=session, job=job)
     await session.commit()
